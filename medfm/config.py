@@ -1,0 +1,215 @@
+"""Training configuration: one dataclass, filled from defaults < YAML file (`--config`) < command-line flags.
+
+Keys and flags carry the names of diffusers' `train_text_to_image_lora.py` wherever the concept is the
+same. The defaults are the embedded offline run (built-in tiny base, built-in phantom data); every
+recipe in recipes/configs/ overrides them for real models and data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+BUILTIN_TINY_SD = "builtin:tiny-sd"
+
+
+def _opt(default, help: str, choices=None):
+    """A config field with its help text (shown by --help) and, optionally, the accepted values."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    task: str = _opt("text-to-image", "What to train.", ["text-to-image"])
+    # Base model
+    pretrained_model_name_or_path: str = _opt(BUILTIN_TINY_SD, f"Hub id or local diffusers folder; {BUILTIN_TINY_SD!r} is a tiny offline base.")
+    revision: str | None = _opt(None, "Hub revision of the base model.")
+    variant: str | None = _opt(None, "Weight variant of the base model, e.g. fp16.")
+    # Data (none given: built-in phantoms)
+    train_data_dir: str | None = _opt(None, "Imagefolder with metadata.jsonl/metadata.csv (file_name + text).")
+    train_data_file: str | None = _opt(None, "CSV/JSONL table of image paths and reports.")
+    image_root: str | None = _opt(None, "Folder that relative image paths in --train_data_file start from (default: the table's folder).")
+    dataset_name: str | None = _opt(None, "A `datasets` dataset: Hub name or save_to_disk folder.")
+    dataset_config_name: str | None = _opt(None, "Config name of --dataset_name.")
+    image_column: str | None = _opt(None, "Column with the image (default: guessed from image, file_name, image_path, path).")
+    caption_column: str | None = _opt(None, "Column with the report (default: guessed from text, report, caption).")
+    report_section: str = _opt("impression", "Report section used as the prompt.", ["findings", "impression", "both", "full"])
+    phantom_num_images: int = _opt(512, "Number of built-in phantoms when no data is given.")
+    max_train_samples: int | None = _opt(None, "Use only the first N pairs (for quick trials).")
+    strict: bool = _opt(False, "Stop at the first bad row instead of skipping it.")
+    resolution: int | None = _opt(None, "Training resolution in px (default: the base model's native size).")
+    dataloader_num_workers: int = _opt(0, "DataLoader worker processes.")
+    # LoRA
+    rank: int = _opt(4, "LoRA rank.")
+    lora_alpha: int | None = _opt(None, "LoRA alpha (default: = rank).")
+    lora_dropout: float = _opt(0.0, "LoRA dropout.")
+    target_modules: list[str] = _opt(["to_k", "to_q", "to_v", "to_out.0"], "UNet modules that get LoRA.")
+    train_text_encoder: bool = _opt(False, "Also LoRA-adapt the text encoder (helps with radiology vocabulary).")
+    text_encoder_target_modules: list[str] = _opt(["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get LoRA.")
+    # Optimisation
+    train_batch_size: int = _opt(8, "Batch size per device.")
+    gradient_accumulation_steps: int = _opt(1, "Steps to accumulate before an optimizer update.")
+    max_train_steps: int | None = _opt(400, "Optimizer updates in total (overrides --num_train_epochs).")
+    num_train_epochs: int | None = _opt(None, "Epochs, used when --max_train_steps is not set.")
+    learning_rate: float = _opt(1e-4, "Peak learning rate.")
+    scale_lr: bool = _opt(False, "Multiply the learning rate by batch size, accumulation steps and processes.")
+    lr_scheduler: str = _opt("constant", "Learning-rate schedule.", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    lr_warmup_steps: int = _opt(0, "Warm-up steps of the schedule.")
+    use_8bit_adam: bool = _opt(True, "bitsandbytes 8-bit AdamW (works on CPU too).")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.")
+    adam_beta2: float = _opt(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
+    mixed_precision: str | None = _opt(None, "Mixed precision (default: accelerate's config).", ["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = _opt(False, "Trade compute for memory.")
+    snr_gamma: float | None = _opt(None, "Min-SNR weighting gamma (5.0 is the paper's choice).")
+    noise_offset: float = _opt(0.0, "Noise offset scale.")
+    prediction_type: str | None = _opt(None, "Override the scheduler's prediction type.", ["epsilon", "v_prediction"])
+    # Validation
+    validation_prompt: list[str] = _opt(
+        [
+            "No acute cardiopulmonary process.",
+            "Cardiomegaly.",
+            "Large right pleural effusion.",
+            "Large left pneumothorax.",
+            "Right lower lobe consolidation.",
+            "Left upper lung nodule.",
+        ],
+        "Prompts rendered as a grid at each validation point.",
+    )
+    num_validation_images: int = _opt(2, "Images per validation prompt.")
+    validation_steps: int | None = _opt(None, "Validate every N steps (always at the start and the end).")
+    validation_epochs: int | None = _opt(None, "Validate every N epochs.")
+    validation_inference_steps: int = _opt(25, "Denoising steps for validation images.")
+    validation_guidance_scale: float = _opt(7.5, "Guidance scale for validation images.")
+    # Checkpoints and output
+    output_dir: str = _opt("medfm-lora", "Where the adapter, checkpoints and logs go.")
+    checkpointing_steps: int = _opt(500, "Save a resumable checkpoint every N steps.")
+    checkpoints_total_limit: int | None = _opt(None, "Keep at most N checkpoints.")
+    resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint folder.")
+    seed: int = _opt(42, "Fixes data order, noise, and sampling.")
+    report_to: str = _opt("tensorboard", "Experiment tracker.", ["tensorboard", "wandb", "all", "none"])
+    logging_dir: str = _opt("logs", "Tracker folder, relative to --output_dir.")
+    license: str = _opt("other", "License in the model card (use the base model's, e.g. creativeml-openrail-m).")
+
+    def __post_init__(self):
+        problems = []
+        for key, value in (("rank", self.rank), ("train_batch_size", self.train_batch_size),
+                           ("gradient_accumulation_steps", self.gradient_accumulation_steps), ("checkpointing_steps", self.checkpointing_steps)):
+            if value < 1:
+                problems.append(f"{key} must be >= 1, got {value}")
+        if self.max_train_steps is None and self.num_train_epochs is None:
+            problems.append("set max_train_steps or num_train_epochs")
+        if sum(x is not None for x in (self.train_data_dir, self.train_data_file, self.dataset_name)) > 1:
+            problems.append("give only one of train_data_dir, train_data_file, dataset_name")
+        if problems:
+            raise ConfigError("Invalid config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: names the key and what is accepted."""
+
+
+def _accepts(annotation, value) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_accepts(item, v) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def validate_values(values: dict, source: str) -> None:
+    """Stop before any work on an unknown key, a wrong type or a value outside the accepted choices."""
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name: f for f in fields(TrainConfig)}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}.{hint} Accepted keys: {', '.join(sorted(known))}")
+        if not _accepts(hints[key], value):
+            raise ConfigError(f"{source}: {key!r} must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})")
+        choices = known[key].metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"{source}: {key!r} must be one of {choices}, got {value!r}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} not found")
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    validate_values(values, str(path))
+    return values
+
+
+def _str_to_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A flag per config key; flags left out keep the YAML or default value."""
+    parser = argparse.ArgumentParser(description="LoRA-adapt a foundation model on radiology image–report pairs.", argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of config keys; flags override it.")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        annotation = hints[f.name]
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kwargs = {"help": f"{f.metadata['help']} (default: {default})", "choices": f.metadata.get("choices")}
+        base = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        kind = base[0]
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(f"--{f.name}", nargs="+", type=typing.get_args(kind)[0], **kwargs)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, **kwargs)
+    return parser
+
+
+def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults < `--config FILE` < flags."""
+    flags = vars(build_parser().parse_args(argv))
+    values = load_yaml(flags.pop("config")) if "config" in flags else {}
+    values.update(flags)
+    return TrainConfig(**values)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    return TrainConfig(**load_yaml(path))

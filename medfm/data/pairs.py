@@ -1,0 +1,226 @@
+"""One dataset API over every layout of radiograph–report pairs, with bad rows quarantined, never fatal.
+
+Layouts: (a) an imagefolder with `metadata.jsonl`/`metadata.csv` (`datasets`' convention: `file_name` +
+`text`), (b) a CSV/JSONL table with configurable image and text columns, (c) a `datasets` dataset by Hub
+name or `save_to_disk` folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .phantom import builtin_phantom_dir
+from .images import ImageReadError, read_radiograph, to_rgb_tensor
+from .reports import select_section, truncate_to_tokens
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_GUESSES = ("image", "file_name", "image_path", "path", "dicom_path", "filename")
+TEXT_COLUMN_GUESSES = ("text", "report", "caption", "impression", "findings")
+
+
+class BadRowError(RuntimeError):
+    """Raised under `--strict` at the first row that cannot be used."""
+
+
+@dataclass
+class Pair:
+    """One radiograph–report pair: where the image is (a path or raw bytes) and the raw report."""
+
+    row_id: str
+    image: str | bytes | None
+    report: str | None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class BadRow:
+    row_id: str
+    source: str
+    reason: str
+
+
+class Quarantine:
+    """Rows that could not be used: counted, kept with their reason, written to the run folder."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.rows: list[BadRow] = []
+
+    def add(self, row_id: str, source: str, reason: str) -> None:
+        if self.strict:
+            raise BadRowError(f"Bad row {row_id} ({source}): {reason}. Fix or remove it, or run without --strict to skip bad rows.")
+        if row_id in {r.row_id for r in self.rows}:
+            return
+        self.rows.append(BadRow(row_id, source, reason))
+        logger.warning("Skipping row %s (%s): %s", row_id, source, reason)
+
+    def write(self, path: str | Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(vars(row)) + "\n" for row in self.rows)
+
+
+def _read_table(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"{path}: unsupported table format; use .csv or .jsonl")
+
+
+def _pick_column(name: str | None, columns, guesses, what: str, source) -> str:
+    if name is not None:
+        if name not in columns:
+            raise ValueError(f"{source}: no {what} column {name!r}; columns are {sorted(columns)}. Set --{what}_column.")
+        return name
+    for guess in guesses:
+        if guess in columns:
+            return guess
+    raise ValueError(f"{source}: cannot tell which column holds the {what}; columns are {sorted(columns)}. Set --{what}_column.")
+
+
+def pairs_from_table(table: str | Path, image_column=None, caption_column=None, image_root=None) -> list[Pair]:
+    """Pairs from a CSV/JSONL table; relative image paths are resolved against `image_root` (default: the table's folder)."""
+    table = Path(table)
+    rows = _read_table(table)
+    if not rows:
+        raise ValueError(f"{table}: table has no rows")
+    columns = set().union(*(row.keys() for row in rows))
+    image_column = _pick_column(image_column, columns, IMAGE_COLUMN_GUESSES, "image", table)
+    caption_column = _pick_column(caption_column, columns, TEXT_COLUMN_GUESSES, "caption", table)
+    root = Path(image_root) if image_root else table.parent
+    pairs = []
+    for i, row in enumerate(rows):
+        image = row.get(image_column)
+        path = str(root / image) if image else None
+        pairs.append(Pair(f"{table.name}:{i + 1}", path, row.get(caption_column), row))
+    return pairs
+
+
+def pairs_from_imagefolder(data_dir: str | Path, image_column=None, caption_column=None) -> list[Pair]:
+    """Pairs from an imagefolder: `metadata.jsonl` or `metadata.csv` at the root or in its `train/` split."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--train_data_dir {data_dir} is not a directory")
+    for folder in (data_dir, data_dir / "train"):
+        for name in ("metadata.jsonl", "metadata.csv"):
+            if (folder / name).is_file():
+                return pairs_from_table(folder / name, image_column or "file_name", caption_column)
+    raise FileNotFoundError(
+        f"{data_dir}: no metadata.jsonl or metadata.csv. Add one with a `file_name` and a `text` column "
+        "(the datasets imagefolder convention), or pass a table with --train_data_file."
+    )
+
+
+def pairs_from_datasets(name_or_dir: str, config_name=None, split="train", image_column=None, caption_column=None) -> list[Pair]:
+    """Pairs from a `datasets` dataset (Hub name or `save_to_disk` folder); images are kept undecoded."""
+    import datasets
+
+    saved = Path(name_or_dir)
+    if (saved / "dataset_info.json").is_file() or (saved / "dataset_dict.json").is_file():
+        loaded = datasets.load_from_disk(name_or_dir)
+        dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    else:
+        dataset = datasets.load_dataset(name_or_dir, config_name, split=split)
+    image_column = _pick_column(image_column, dataset.column_names, IMAGE_COLUMN_GUESSES, "image", name_or_dir)
+    caption_column = _pick_column(caption_column, dataset.column_names, TEXT_COLUMN_GUESSES, "caption", name_or_dir)
+    if isinstance(dataset.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    pairs = []
+    for i, row in enumerate(dataset):
+        image = row[image_column]
+        if isinstance(image, dict):  # undecoded Image feature: raw bytes, or a path to them
+            image = image.get("bytes") or image.get("path")
+        pairs.append(Pair(f"{name_or_dir}[{i}]", image, row[caption_column]))
+    return pairs
+
+
+class ImageReportDataset(Dataset):
+    """Model-ready pairs: pixels in [-1, 1] at `resolution` and tokenized report text.
+
+    Rows whose text is empty or whose image file is missing are quarantined up front; rows whose image
+    fails to decode are quarantined when first read (the batch is built without them).
+    """
+
+    def __init__(
+        self,
+        pairs: list[Pair],
+        resolution: int,
+        tokenizer,
+        report_section: str = "impression",
+        quarantine: Quarantine | None = None,
+    ):
+        self.resolution = resolution
+        self.tokenizer = tokenizer
+        max_tokens = tokenizer.model_max_length - tokenizer.num_special_tokens_to_add()
+        self.quarantine = quarantine or Quarantine()
+        self.num_truncated = 0
+        self.rows: list[tuple[Pair, str]] = []
+        for pair in pairs:
+            source = pair.image if isinstance(pair.image, str) else "<embedded image>"
+            text = select_section(pair.report or "", report_section)
+            if pair.image is None:
+                self.quarantine.add(pair.row_id, "", "no image given")
+            elif isinstance(pair.image, str) and not Path(pair.image).is_file():
+                self.quarantine.add(pair.row_id, source, "image file not found")
+            elif not text:
+                self.quarantine.add(pair.row_id, source, f"empty report (no text in section {report_section!r})")
+            else:
+                text, truncated = truncate_to_tokens(text, self.count_tokens, max_tokens)
+                self.num_truncated += truncated
+                self.rows.append((pair, text))
+        if not self.rows:
+            raise ValueError(f"No usable rows: all {len(pairs)} were bad (first reasons: {[r.reason for r in self.quarantine.rows[:3]]})")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def text(self, index: int) -> str:
+        return self.rows[index][1]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        return self.tokenizer(text, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids[0]
+
+    def __getitem__(self, index: int) -> dict:
+        pair, text = self.rows[index]
+        try:
+            pixels = to_rgb_tensor(read_radiograph(pair.image, name=pair.image if isinstance(pair.image, str) else pair.row_id), self.resolution)
+        except ImageReadError as err:
+            if self.quarantine.strict:
+                raise BadRowError(f"Bad row {pair.row_id}: {err}. Fix or remove it, or run without --strict.") from err
+            return {"index": index, "bad_row": BadRow(pair.row_id, str(pair.image if isinstance(pair.image, str) else ""), str(err))}
+        return {"index": index, "pixel_values": pixels, "input_ids": self.tokenize(text)}
+
+
+def collate_pairs(examples: list[dict]) -> dict:
+    """Stack the good examples; carry the bad ones as `bad_rows` so the main process can record them."""
+    good = [e for e in examples if "bad_row" not in e]
+    batch = {"bad_rows": [e["bad_row"] for e in examples if "bad_row" in e], "index": torch.tensor([e["index"] for e in good], dtype=torch.long)}
+    if good:
+        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in good])
+        batch["input_ids"] = torch.stack([e["input_ids"] for e in good])
+    return batch
+
+
+def load_pairs(train_data_dir=None, train_data_file=None, dataset_name=None, dataset_config_name=None,
+               image_column=None, caption_column=None, image_root=None, phantom_num_images=512) -> list[Pair]:
+    """Pairs from whichever source is given; with none, the built-in phantoms."""
+    if train_data_dir:
+        return pairs_from_imagefolder(train_data_dir, image_column, caption_column)
+    if train_data_file:
+        return pairs_from_table(train_data_file, image_column, caption_column, image_root)
+    if dataset_name:
+        return pairs_from_datasets(dataset_name, dataset_config_name, image_column=image_column, caption_column=caption_column)
+    return pairs_from_imagefolder(builtin_phantom_dir(phantom_num_images))

@@ -1,0 +1,96 @@
+"""Text-to-image bases: load Stable Diffusion 1.x/2.x by Hub id or folder; build a tiny one offline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..config import BUILTIN_TINY_SD
+from ..paths import build_once, medfm_home
+from .tokenizers import clip_tokenizer
+
+TINY_SD_VERSION = "1"
+TINY_VOCAB_MERGES = 8000
+
+
+def build_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline of under 2M parameters, built from configs (random weights, fixed by seed).
+
+    Same classes as SD 1.x; `prediction_type="v_prediction"` with linear-projection attention is the SD 2.x shape.
+    """
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer(num_merges=TINY_VOCAB_MERGES)
+    sd2 = prediction_type == "v_prediction"
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length, projection_dim=64, hidden_act="gelu" if sd2 else "quick_gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=128,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(4, 8) if sd2 else 8, use_linear_projection=sd2, norm_num_groups=8,
+    )
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type=prediction_type)
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, **schedule)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def materialize_builtin_base(name: str = BUILTIN_TINY_SD) -> Path:
+    """Write the built-in base once as a normal diffusers folder under medfm_home() and return its path."""
+    if name != BUILTIN_TINY_SD:
+        raise ValueError(f"Unknown built-in base {name!r}; the built-in is {BUILTIN_TINY_SD!r}")
+    target = medfm_home() / "bases" / f"tiny-sd-v{TINY_SD_VERSION}"
+    return build_once(target, "model_index.json", lambda folder: build_tiny_sd_pipeline().save_pretrained(folder))
+
+
+def resolve_base(name_or_path: str) -> str:
+    """The Hub id or folder to load: built-in names become their local folder."""
+    if name_or_path.startswith("builtin:"):
+        return str(materialize_builtin_base(name_or_path))
+    return name_or_path
+
+
+@dataclass
+class DiffusionComponents:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def native_resolution(self) -> int:
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load_diffusion_components(path: str, revision: str | None = None, variant: str | None = None) -> DiffusionComponents:
+    """The parts of an SD 1.x/2.x pipeline that training needs, with a DDPM scheduler for noising."""
+    kwargs = {"revision": revision}
+    return DiffusionComponents(
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kwargs),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kwargs),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kwargs),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs),
+    )
+
+
+def load_pipeline(path: str, revision: str | None = None, variant: str | None = None, **components) -> StableDiffusionPipeline:
+    """A text-to-image pipeline without the safety checker (it blanks radiographs as 'NSFW')."""
+    return StableDiffusionPipeline.from_pretrained(
+        path, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False, **components
+    )

@@ -1,0 +1,14 @@
+"""Training recipes, one per task."""
+
+from __future__ import annotations
+
+from ..config import TrainConfig
+
+
+def recipe_for(config: TrainConfig):
+    """The recipe class that trains `config.task`."""
+    if config.task == "text-to-image":
+        from .text_to_image import TextToImageLoRARecipe
+
+        return TextToImageLoRARecipe(config)
+    raise ValueError(f"Unknown task {config.task!r}")

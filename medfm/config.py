@@ -45,6 +45,7 @@ class TrainConfig:
     phantom_num_images: int = _opt(512, "Number of built-in phantoms when no data is given.")
     max_train_samples: int | None = _opt(None, "Use only the first N pairs (for quick trials).")
     strict: bool = _opt(False, "Stop at the first bad row instead of skipping it.")
+    verify_images: bool = _opt(True, "Decode every image once before training so bad rows are found up front (off: skipped when met).")
     resolution: int | None = _opt(None, "Training resolution in px (default: the base model's native size).")
     dataloader_num_workers: int = _opt(0, "DataLoader worker processes.")
     # LoRA

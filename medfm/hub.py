@@ -67,7 +67,8 @@ def _is_hub_id(name: str) -> bool:
 def write_text_to_image_card(directory: str | Path, config: TrainConfig, base: str, num_pairs: int, num_bad: int,
                              validation_image: str | None = None) -> ModelCard:
     """Write README.md for a text-to-image adapter folder and return the card."""
-    data = config.train_data_dir or config.train_data_file or config.dataset_name or "medfm's built-in digital chest-radiograph phantoms"
+    given = config.train_data_dir or config.train_data_file or config.dataset_name
+    data = f"`{given}`" if given else "medfm's built-in digital chest-radiograph phantoms"
     card_data = ModelCardData(
         base_model=base if _is_hub_id(base) else None,
         library_name="diffusers",
@@ -87,7 +88,7 @@ def write_text_to_image_card(directory: str | Path, config: TrainConfig, base: s
         title=f"{Path(config.output_dir).name}: radiograph LoRA",
         base=base,
         base_link=f"https://huggingface.co/{base}" if _is_hub_id(base) else base,
-        data=f"`{data}`",
+        data=data,
         adapter=config.output_dir,
         prompt=config.validation_prompt[0] if config.validation_prompt else "Large right pleural effusion.",
         validation=validation,

@@ -10,11 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from .phantom import builtin_phantom_dir
 from .images import ImageReadError, read_radiograph, to_rgb_tensor
@@ -147,8 +150,9 @@ def pairs_from_datasets(name_or_dir: str, config_name=None, split="train", image
 class ImageReportDataset(Dataset):
     """Model-ready pairs: pixels in [-1, 1] at `resolution` and tokenized report text.
 
-    Rows whose text is empty or whose image file is missing are quarantined up front; rows whose image
-    fails to decode are quarantined when first read (the batch is built without them).
+    Every row is checked before training (missing file, empty report, and with `verify_images` an image
+    that does not decode): bad rows go to the quarantine, or under strict mode the first one in row order
+    stops the run. An image that breaks later is skipped when met (the batch is built without it).
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class ImageReportDataset(Dataset):
         tokenizer,
         report_section: str = "impression",
         quarantine: Quarantine | None = None,
+        verify_images: bool = True,
     ):
         self.resolution = resolution
         self.tokenizer = tokenizer
@@ -165,21 +170,41 @@ class ImageReportDataset(Dataset):
         self.quarantine = quarantine or Quarantine()
         self.num_truncated = 0
         self.rows: list[tuple[Pair, str]] = []
-        for pair in pairs:
-            source = pair.image if isinstance(pair.image, str) else "<embedded image>"
-            text = select_section(pair.report or "", report_section)
-            if pair.image is None:
-                self.quarantine.add(pair.row_id, "", "no image given")
-            elif isinstance(pair.image, str) and not Path(pair.image).is_file():
-                self.quarantine.add(pair.row_id, source, "image file not found")
-            elif not text:
-                self.quarantine.add(pair.row_id, source, f"empty report (no text in section {report_section!r})")
-            else:
+        texts = [select_section(pair.report or "", report_section) for pair in pairs]
+
+        def problem(i: int) -> str | None:
+            cheap = self._cheap_problem(pairs[i], texts[i], report_section)
+            return cheap or (self._decode_problem(pairs[i]) if verify_images else None)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # image decoding releases the GIL
+            checks = tqdm(zip(pairs, texts, pool.map(problem, range(len(pairs)))), total=len(pairs), desc="Checking pairs", unit="row")
+            for pair, text, reason in checks:
+                if reason is not None:
+                    self.quarantine.add(pair.row_id, _source(pair), reason)
+                    continue
                 text, truncated = truncate_to_tokens(text, self.count_tokens, max_tokens)
                 self.num_truncated += truncated
                 self.rows.append((pair, text))
         if not self.rows:
             raise ValueError(f"No usable rows: all {len(pairs)} were bad (first reasons: {[r.reason for r in self.quarantine.rows[:3]]})")
+
+    @staticmethod
+    def _cheap_problem(pair: Pair, text: str, report_section: str) -> str | None:
+        if pair.image is None:
+            return "no image given"
+        if isinstance(pair.image, str) and not Path(pair.image).is_file():
+            return "image file not found"
+        if not text:
+            return f"empty report (no text in section {report_section!r})"
+        return None
+
+    @staticmethod
+    def _decode_problem(pair: Pair) -> str | None:
+        try:
+            read_radiograph(pair.image, name=_source(pair))
+        except ImageReadError as err:
+            return str(err)
+        return None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -196,12 +221,14 @@ class ImageReportDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         pair, text = self.rows[index]
         try:
-            pixels = to_rgb_tensor(read_radiograph(pair.image, name=pair.image if isinstance(pair.image, str) else pair.row_id), self.resolution)
-        except ImageReadError as err:
-            if self.quarantine.strict:
-                raise BadRowError(f"Bad row {pair.row_id}: {err}. Fix or remove it, or run without --strict.") from err
-            return {"index": index, "bad_row": BadRow(pair.row_id, str(pair.image if isinstance(pair.image, str) else ""), str(err))}
+            pixels = to_rgb_tensor(read_radiograph(pair.image, name=_source(pair)), self.resolution)
+        except ImageReadError as err:  # found while training: skipped here, recorded by the training loop
+            return {"index": index, "bad_row": BadRow(pair.row_id, _source(pair), str(err))}
         return {"index": index, "pixel_values": pixels, "input_ids": self.tokenize(text)}
+
+
+def _source(pair: Pair) -> str:
+    return pair.image if isinstance(pair.image, str) else f"<image bytes of {pair.row_id}>"
 
 
 def collate_pairs(examples: list[dict]) -> dict:

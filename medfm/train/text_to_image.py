@@ -105,7 +105,7 @@ class TextToImageLoRARecipe:
         if cfg.max_train_samples:
             pairs = pairs[: cfg.max_train_samples]
         self.quarantine = Quarantine(strict=cfg.strict)
-        self.dataset = ImageReportDataset(pairs, self.resolution, self.tokenizer, cfg.report_section, self.quarantine)
+        self.dataset = ImageReportDataset(pairs, self.resolution, self.tokenizer, cfg.report_section, self.quarantine, cfg.verify_images)
         logger.info(f"{len(self.dataset)} usable pairs of {len(pairs)}; {len(self.quarantine.rows)} skipped; "
                     f"{self.dataset.num_truncated} reports cut at a sentence boundary to fit {self.tokenizer.model_max_length} tokens")
         self.train_dataloader = DataLoader(

@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         annotation = hints[f.name]
         default = f.default if f.default is not MISSING else f.default_factory()
         kwargs = {"help": f"{f.metadata['help']} (default: {default})", "choices": f.metadata.get("choices")}
-        base = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-        kind = base[0]
+        is_optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        kind = next(a for a in typing.get_args(annotation) if a is not type(None)) if is_optional else annotation
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(kind) is list:

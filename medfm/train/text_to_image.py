@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from diffusers.utils import make_image_grid
@@ -64,6 +64,7 @@ class TextToImageLoRARecipe:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        set_seed(cfg.seed)  # LoRA initialisation
         # Every random draw of training (VAE sampling, noise, timesteps) comes from this generator,
         # so a resumed run continues exactly where it stopped.
         self.generator = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)

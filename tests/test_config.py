@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from medfm.config import ConfigError, TrainConfig, parse_train_config
+
+
+def write_yaml(path, values):
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    config_file = write_yaml(tmp_path / "c.yaml", {"rank": 16, "learning_rate": 5e-5, "use_8bit_adam": False})
+    config = parse_train_config(["--config", config_file, "--rank", "32", "--validation_prompt", "Cardiomegaly.", "Small left effusion."])
+    assert config.rank == 32
+    assert config.learning_rate == 5e-5
+    assert config.use_8bit_adam is False
+    assert config.validation_prompt == ["Cardiomegaly.", "Small left effusion."]
+    assert config.max_train_steps == TrainConfig().max_train_steps
+
+
+def test_boolean_flags_have_negations():
+    assert parse_train_config(["--no-use_8bit_adam"]).use_8bit_adam is False
+    assert parse_train_config(["--train_text_encoder"]).train_text_encoder is True
+
+
+def test_unknown_key_names_the_key_a_suggestion_and_the_accepted_keys(tmp_path):
+    config_file = write_yaml(tmp_path / "bad.yaml", {"learning_rte": 1e-4})
+    with pytest.raises(ConfigError) as err:
+        parse_train_config(["--config", config_file])
+    message = str(err.value)
+    assert "bad.yaml" in message and "'learning_rte'" in message
+    assert "Did you mean 'learning_rate'?" in message
+    assert "pretrained_model_name_or_path" in message  # the accepted keys are listed
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"rank": "four"}, "'rank' must be int"),
+    ({"use_8bit_adam": "yes"}, "'use_8bit_adam' must be bool"),
+    ({"validation_prompt": "one prompt"}, "'validation_prompt' must be list[str]"),
+    ({"mixed_precision": "fp8"}, "'mixed_precision' must be one of"),
+])
+def test_wrong_type_or_choice_stops_before_work(tmp_path, values, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        parse_train_config(["--config", write_yaml(tmp_path / "c.yaml", values)])
+
+
+def test_integers_are_accepted_for_floats(tmp_path):
+    assert parse_train_config(["--config", write_yaml(tmp_path / "c.yaml", {"snr_gamma": 5})]).snr_gamma == 5
+
+
+def test_inconsistent_values_are_rejected():
+    with pytest.raises(ConfigError, match="rank must be >= 1"):
+        TrainConfig(rank=0)
+    with pytest.raises(ConfigError, match="only one of"):
+        TrainConfig(train_data_dir="a", dataset_name="b")

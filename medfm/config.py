@@ -42,7 +42,7 @@ class TrainConfig:
     image_column: str | None = _opt(None, "Column with the image (default: guessed from image, file_name, image_path, path).")
     caption_column: str | None = _opt(None, "Column with the report (default: guessed from text, report, caption).")
     report_section: str = _opt("impression", "Report section used as the prompt.", ["findings", "impression", "both", "full"])
-    phantom_num_images: int = _opt(512, "Number of built-in phantoms when no data is given.")
+    phantom_num_images: int = _opt(256, "Number of built-in phantoms when no data is given.")
     max_train_samples: int | None = _opt(None, "Use only the first N pairs (for quick trials).")
     strict: bool = _opt(False, "Stop at the first bad row instead of skipping it.")
     verify_images: bool = _opt(True, "Decode every image once before training so bad rows are found up front (off: skipped when met).")
@@ -58,7 +58,7 @@ class TrainConfig:
     # Optimisation
     train_batch_size: int = _opt(8, "Batch size per device.")
     gradient_accumulation_steps: int = _opt(1, "Steps to accumulate before an optimizer update.")
-    max_train_steps: int | None = _opt(400, "Optimizer updates in total (overrides --num_train_epochs).")
+    max_train_steps: int | None = _opt(250, "Optimizer updates in total (overrides --num_train_epochs).")
     num_train_epochs: int | None = _opt(None, "Epochs, used when --max_train_steps is not set.")
     learning_rate: float = _opt(1e-4, "Peak learning rate.")
     scale_lr: bool = _opt(False, "Multiply the learning rate by batch size, accumulation steps and processes.")

@@ -54,3 +54,15 @@ def test_inconsistent_values_are_rejected():
         TrainConfig(rank=0)
     with pytest.raises(ConfigError, match="only one of"):
         TrainConfig(train_data_dir="a", dataset_name="b")
+
+
+def test_every_shipped_recipe_config_is_valid():
+    from pathlib import Path
+
+    from medfm.config import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert path.read_text().startswith("# accelerate launch recipes/train_lora.py"), path  # opens with its command
+        load_config(path)

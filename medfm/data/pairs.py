@@ -242,7 +242,7 @@ def collate_pairs(examples: list[dict]) -> dict:
 
 
 def load_pairs(train_data_dir=None, train_data_file=None, dataset_name=None, dataset_config_name=None,
-               image_column=None, caption_column=None, image_root=None, phantom_num_images=512) -> list[Pair]:
+               image_column=None, caption_column=None, image_root=None, phantom_num_images=256) -> list[Pair]:
     """Pairs from whichever source is given; with none, the built-in phantoms."""
     if train_data_dir:
         return pairs_from_imagefolder(train_data_dir, image_column, caption_column)

@@ -88,6 +88,6 @@ def test_an_image_that_breaks_after_the_check_is_skipped_in_the_batch(tmp_path, 
     dataset = ImageReportDataset(load_pairs(train_data_dir=str(tmp_path)), 32, tokenizer)
     (tmp_path / "b.png").write_bytes(b"not an image")
     batch = collate_pairs([dataset[0], dataset[1]])
-    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    assert batch["num_examples"] == 1 and batch["pixel_values"].shape == (1, 3, 32, 32)
     assert batch["input_ids"].shape == (1, 77)
     assert [row.row_id for row in batch["bad_rows"]] == ["metadata.jsonl:2"]

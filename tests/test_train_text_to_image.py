@@ -109,10 +109,13 @@ def test_text_encoder_lora_round_trip(phantoms, tmp_path):
         torch.testing.assert_close(parts.text_encoder(ids)[0], diffusers_embedding)
 
 
-def test_sd2_class_base_with_v_prediction(phantoms, tmp_path):
+def test_sd2_class_base_with_v_prediction_bf16_and_gradient_checkpointing(phantoms, tmp_path):
     build_tiny_sd_pipeline(prediction_type="v_prediction").save_pretrained(tmp_path / "tiny-sd2")
     out = tmp_path / "run"
-    train(fast(phantoms, out, "--pretrained_model_name_or_path", tmp_path / "tiny-sd2", "--max_train_steps", 3, "--snr_gamma", 5.0, "--noise_offset", 0.05))
+    train(fast(phantoms, out, "--pretrained_model_name_or_path", tmp_path / "tiny-sd2", "--max_train_steps", 3, "--snr_gamma", 5.0, "--noise_offset", 0.05,
+                          "--mixed_precision", "bf16", "--gradient_checkpointing", "--train_text_encoder"))
+    weights = load_file(out / LORA_WEIGHTS_NAME)
+    assert all(w.dtype == torch.float32 for w in weights.values())  # LoRA trained and saved in fp32 under bf16
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny-sd2", safety_checker=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     pipe.load_lora_weights(str(out))

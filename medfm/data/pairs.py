@@ -234,7 +234,8 @@ def _source(pair: Pair) -> str:
 def collate_pairs(examples: list[dict]) -> dict:
     """Stack the good examples; carry the bad ones as `bad_rows` so the main process can record them."""
     good = [e for e in examples if "bad_row" not in e]
-    batch = {"bad_rows": [e["bad_row"] for e in examples if "bad_row" in e], "index": torch.tensor([e["index"] for e in good], dtype=torch.long)}
+    batch = {"bad_rows": [e["bad_row"] for e in examples if "bad_row" in e], "num_examples": len(good),
+             "index": torch.tensor([e["index"] for e in good], dtype=torch.long)}
     if good:
         batch["pixel_values"] = torch.stack([e["pixel_values"] for e in good])
         batch["input_ids"] = torch.stack([e["input_ids"] for e in good])

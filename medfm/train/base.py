@@ -1,0 +1,213 @@
+"""What every LoRA recipe shares: accelerator, 8-bit AdamW, schedule, resumable checkpoints, the training loop.
+
+A task recipe subclasses `LoRARecipe` torchtune style and fills in `_setup_models`, `_setup_data`,
+`training_step`, `validate`, the LoRA save/load of checkpoints and `save_adapter`; the loop stays here,
+readable in one sitting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..data.pairs import BadRow, Quarantine
+from ..lora import lora_parameters
+from .checkpoints import TrainingProgress, find_checkpoint, prune_checkpoints
+
+logger = get_logger(__name__)
+
+
+class LoRARecipe:
+    tracker_name = "medfm-lora"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.quarantine = Quarantine(strict=config.strict)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        self._setup_accelerator()
+        self._setup_models()
+        self._setup_data()
+        self._setup_optimizer()
+        self._prepare()
+        self._setup_schedule()
+        self._setup_checkpointing()
+
+    def _setup_accelerator(self) -> None:
+        cfg = self.config
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        )
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        set_seed(cfg.seed)  # LoRA initialisation
+        # Every random draw of training (noise, timesteps, ...) comes from this generator,
+        # so a resumed run continues exactly where it stopped.
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+
+    def _setup_models(self) -> None:
+        raise NotImplementedError
+
+    def _setup_data(self) -> None:
+        """Set `self.dataset` and `self.train_dataloader` (bad rows go to `self.quarantine`)."""
+        raise NotImplementedError
+
+    def trainable_models(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.config
+        learning_rate = cfg.learning_rate
+        if cfg.scale_lr:
+            learning_rate *= cfg.gradient_accumulation_steps * cfg.train_batch_size * self.accelerator.num_processes
+        optimizer_class = torch.optim.AdamW
+        if cfg.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes, or pass --no-use_8bit_adam") from err
+            optimizer_class = bnb.optim.AdamW8bit
+        self.optimizer = optimizer_class(lora_parameters(*self.trainable_models()), lr=learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        batches_per_process = math.ceil(len(self.train_dataloader) / self.accelerator.num_processes)
+        self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps * self.accelerator.num_processes,
+                                          num_training_steps=self.max_train_steps * self.accelerator.num_processes)
+
+    def _prepare(self) -> None:
+        """Hand the trainable models, optimizer, data and schedule to accelerate (DDP wrapping, device placement)."""
+        *models, self.optimizer, self.train_dataloader, self.lr_scheduler = self.accelerator.prepare(
+            *self.trainable_models(), self.optimizer, self.train_dataloader, self.lr_scheduler
+        )
+        self._set_prepared_models(models)
+
+    def _set_prepared_models(self, models: list[torch.nn.Module]) -> None:
+        raise NotImplementedError
+
+    def _setup_schedule(self) -> None:
+        self.steps_per_epoch = math.ceil(len(self.train_dataloader) / self.config.gradient_accumulation_steps)
+        self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
+
+    def _setup_checkpointing(self) -> None:
+        """Checkpoints hold only LoRA weights (not the frozen base), plus optimizer, scheduler, RNG and progress."""
+        self.progress = TrainingProgress(self.generator)
+        self.accelerator.register_for_checkpointing(self.progress)
+        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        if self.config.resume_from_checkpoint:
+            path = find_checkpoint(self.output_dir, self.config.resume_from_checkpoint)
+            logger.info(f"Resuming from {path}")
+            self.accelerator.load_state(str(path))
+        if self.accelerator.is_main_process:
+            self.accelerator.init_trackers(self.tracker_name, config={k: str(v) for k, v in self.config.to_dict().items()})
+
+    def _save_model_hook(self, models, weights, output_dir):
+        if self.accelerator.is_main_process:
+            self.save_lora([self.accelerator.unwrap_model(m) for m in models], output_dir)
+        weights.clear()  # the frozen base is not saved with every checkpoint
+
+    def _load_model_hook(self, models, input_dir):
+        self.load_lora([self.accelerator.unwrap_model(m) for m in models], input_dir)
+        models.clear()
+
+    def save_lora(self, models: list[torch.nn.Module], directory: str) -> None:
+        raise NotImplementedError
+
+    def load_lora(self, models: list[torch.nn.Module], directory: str) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train(self) -> None:
+        cfg, accelerator, progress = self.config, self.accelerator, self.progress
+        trainable = self.trainable_models()
+        logger.info(f"Training {sum(p.numel() for p in lora_parameters(*trainable)):,} LoRA parameters for {self.max_train_steps} steps "
+                    f"({self.num_epochs} epochs of {self.steps_per_epoch})")
+        bar = tqdm(total=self.max_train_steps, initial=progress.global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+        if progress.global_step == 0:
+            self.validate()
+        for epoch in range(progress.epoch, self.num_epochs):
+            for model in trainable:
+                model.train()
+            self.train_dataloader.set_epoch(epoch)
+            batches = self.train_dataloader
+            if progress.batches_in_epoch:
+                batches = accelerator.skip_first_batches(self.train_dataloader, progress.batches_in_epoch)
+            for batch in batches:
+                progress.batches_in_epoch += 1
+                self._record_bad_rows(batch.pop("bad_rows"))
+                if not batch.get("num_examples", 1):
+                    continue  # every row of this batch was unreadable
+                with accelerator.accumulate(*trainable):
+                    loss = self.training_step(batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(lora_parameters(*trainable), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                progress.global_step += 1
+                bar.update(1)
+                step_loss = accelerator.gather(loss.detach()).mean().item()
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+                accelerator.log({"train_loss": step_loss, "lr": self.lr_scheduler.get_last_lr()[0]}, step=progress.global_step)
+                if progress.global_step % cfg.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if cfg.validation_steps and progress.global_step % cfg.validation_steps == 0:
+                    self.validate()
+                if progress.global_step >= self.max_train_steps:
+                    break
+            else:
+                progress.epoch, progress.batches_in_epoch = epoch + 1, 0
+                if cfg.validation_epochs and progress.epoch % cfg.validation_epochs == 0:
+                    self.validate()
+                continue
+            break
+        bar.close()
+
+    def training_step(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validate(self):
+        raise NotImplementedError
+
+    def _record_bad_rows(self, bad_rows: list[BadRow]) -> None:
+        for row in bad_rows:
+            self.quarantine.add(row.row_id, row.source, row.reason)
+
+    def gather_bad_rows(self) -> None:
+        """Merge the rows every process skipped (main process keeps the union, in first-seen order)."""
+        self.quarantine.rows = list({row.row_id: row for row in gather_object(self.quarantine.rows)}.values())
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def save_checkpoint(self) -> None:
+        if self.accelerator.is_main_process and self.config.checkpoints_total_limit:
+            prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit - 1)
+        path = self.output_dir / f"checkpoint-{self.progress.global_step}"
+        self.accelerator.save_state(str(path))
+        logger.info(f"Saved checkpoint {path}")
+
+    def save_adapter(self) -> Path:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()

@@ -22,6 +22,49 @@ def _generate(args) -> None:
     print(f"Wrote {len(paths)} images to {args.output_dir}")
 
 
+RADIOGRAPH_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff"}
+
+
+def _report(args) -> None:
+    import json
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data.images import read_radiograph
+    from .data.report_batches import full_instruction
+    from .data.studies import to_pil_rgb
+    from .generate import adapter_training_config, generate_reports, load_report_model
+
+    if bool(args.image) == bool(args.input_dir):
+        raise SystemExit("medfm report: give --image FILE [FILE ...] or --input_dir DIR (one of them)")
+    files = [Path(f) for f in args.image] if args.image else sorted(
+        p for p in Path(args.input_dir).rglob("*") if p.suffix.lower() in RADIOGRAPH_SUFFIXES)
+    if not files:
+        raise SystemExit(f"medfm report: no radiographs ({', '.join(sorted(RADIOGRAPH_SUFFIXES))}) in {args.input_dir}")
+    instruction = args.instruction or (adapter_training_config(args.adapter)["instruction"] if args.adapter else None)
+    if instruction is None:
+        raise SystemExit("medfm report: give --instruction when no --adapter is used")
+    images = [to_pil_rgb(read_radiograph(f)) for f in tqdm(files, desc="Reading images", disable=len(files) < 10)]
+    studies = [images] if args.as_study else [[image] for image in images]
+    model, processor, family = load_report_model(args.adapter, args.pretrained_model_name_or_path)
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": args.do_sample, "num_beams": args.num_beams}
+    if args.do_sample:
+        sampling.update(temperature=args.temperature, top_p=args.top_p)
+    reports = generate_reports(model, processor, family, studies, [full_instruction(instruction, args.indication)] * len(studies),
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, **sampling)
+    names = [[str(f) for f in files]] if args.as_study else [[str(f)] for f in files]
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"images": n, "report": r, "adapter": args.adapter, "synthetic": True}) + "\n" for n, r in zip(names, reports))
+        print(f"Wrote {len(reports)} reports to {args.output}")
+    else:
+        for n, r in zip(names, reports):
+            print(f"{', '.join(n)}:\n{r}\n" if len(reports) > 1 else r)
+
+
 def _train(argv: list[str]) -> None:
     from .config import parse_train_config
     from .train import recipe_for
@@ -58,6 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--output_dir", default="medfm-generated")
     generate.set_defaults(run=_generate)
+
+    report = commands.add_parser("report", help="Write radiology reports for radiographs (PNG/JPEG/DICOM) with a report adapter.")
+    report.add_argument("--adapter", help="Adapter folder written by report training.")
+    report.add_argument("--pretrained_model_name_or_path", help="Base model (default: the one in the adapter's training_config.yaml).")
+    report.add_argument("--image", nargs="+", help="Radiograph files; each gets its own report unless --as_study.")
+    report.add_argument("--input_dir", help="Write a report for every radiograph under this folder.")
+    report.add_argument("--output", help="JSONL file, one line per image/study (default: print).")
+    report.add_argument("--as_study", action="store_true", help="Treat all --image files as one study (e.g. frontal + lateral).")
+    report.add_argument("--instruction", help="Override the instruction the adapter was trained with.")
+    report.add_argument("--indication", help="Indication / clinical history added to the prompt.")
+    report.add_argument("--batch_size", type=int, default=8)
+    report.add_argument("--max_new_tokens", type=int, default=256)
+    report.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
+    report.add_argument("--temperature", type=float, default=0.7)
+    report.add_argument("--top_p", type=float, default=0.9)
+    report.add_argument("--num_beams", type=int, default=1)
+    report.add_argument("--seed", type=int, default=0, help="Fixes sampling.")
+    report.set_defaults(run=_report)
     return parser
 
 

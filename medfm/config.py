@@ -17,6 +17,13 @@ from pathlib import Path
 import yaml
 
 BUILTIN_TINY_SD = "builtin:tiny-sd"
+BUILTIN_TINY_VLM = "builtin:tiny-llava"
+DEFAULT_INSTRUCTION = "Write the findings section of the radiology report for this chest X-ray."
+TASK_DEFAULTS = {  # keys whose default depends on the task
+    "text-to-image": {"pretrained_model_name_or_path": BUILTIN_TINY_SD, "report_section": "impression",
+                      "target_modules": ["to_k", "to_q", "to_v", "to_out.0"]},
+    "report": {"pretrained_model_name_or_path": BUILTIN_TINY_VLM, "report_section": "findings"},
+}
 
 
 def _opt(default, help: str, choices=None):
@@ -28,20 +35,24 @@ def _opt(default, help: str, choices=None):
 
 @dataclass
 class TrainConfig:
-    task: str = _opt("text-to-image", "What to train.", ["text-to-image"])
+    task: str = _opt("text-to-image", "What to train: report -> radiograph (text-to-image) or radiograph -> report (report).", ["text-to-image", "report"])
     # Base model
-    pretrained_model_name_or_path: str = _opt(BUILTIN_TINY_SD, f"Hub id or local diffusers folder; {BUILTIN_TINY_SD!r} is a tiny offline base.")
+    pretrained_model_name_or_path: str | None = _opt(
+        None, f"Hub id or local folder (default: the tiny offline base, {BUILTIN_TINY_SD!r} or {BUILTIN_TINY_VLM!r}).")
     revision: str | None = _opt(None, "Hub revision of the base model.")
     variant: str | None = _opt(None, "Weight variant of the base model, e.g. fp16.")
     # Data (none given: built-in phantoms)
     train_data_dir: str | None = _opt(None, "Imagefolder with metadata.jsonl/metadata.csv (file_name + text).")
-    train_data_file: str | None = _opt(None, "CSV/JSONL table of image paths and reports.")
+    train_data_file: str | None = _opt(None, "CSV/JSONL table of image paths and reports, or R2Gen's annotation.json.")
+    reports_dir: str | None = _opt(None, "MIMIC-CXR layout: folder holding files/pXX/pSUBJECT/sSTUDY.txt (default: --train_data_dir).")
     image_root: str | None = _opt(None, "Folder that relative image paths in --train_data_file start from (default: the table's folder).")
     dataset_name: str | None = _opt(None, "A `datasets` dataset: Hub name or save_to_disk folder.")
     dataset_config_name: str | None = _opt(None, "Config name of --dataset_name.")
     image_column: str | None = _opt(None, "Column with the image (default: guessed from image, file_name, image_path, path).")
     caption_column: str | None = _opt(None, "Column with the report (default: guessed from text, report, caption).")
-    report_section: str = _opt("impression", "Report section used as the prompt.", ["findings", "impression", "both", "full"])
+    report_section: str | None = _opt(None, "Report section used: the prompt (text-to-image; default impression) or the target (report; default findings).",
+                                      ["findings", "impression", "both", "full"])
+    indication_column: str | None = _opt(None, "Column with the indication/clinical history added to the report prompt (default: guessed).")
     phantom_num_images: int = _opt(256, "Number of built-in phantoms when no data is given.")
     max_train_samples: int | None = _opt(None, "Use only the first N pairs (for quick trials).")
     strict: bool = _opt(False, "Stop at the first bad row instead of skipping it.")
@@ -52,9 +63,17 @@ class TrainConfig:
     rank: int = _opt(4, "LoRA rank.")
     lora_alpha: int | None = _opt(None, "LoRA alpha (default: = rank).")
     lora_dropout: float = _opt(0.0, "LoRA dropout.")
-    target_modules: list[str] = _opt(["to_k", "to_q", "to_v", "to_out.0"], "UNet modules that get LoRA.")
+    target_modules: list[str] | None = _opt(None, "Modules that get LoRA (default: UNet attention; for report, the language model's linear layers).")
     train_text_encoder: bool = _opt(False, "Also LoRA-adapt the text encoder (helps with radiology vocabulary).")
     text_encoder_target_modules: list[str] = _opt(["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get LoRA.")
+    modules_to_save: list[str] | None = _opt(None, "report: modules trained fully and saved with the adapter (peft's modules_to_save), e.g. lm_head.")
+    lora_on_vision_tower: bool = _opt(False, "report: also LoRA-adapt the vision tower.")
+    train_projector: bool = _opt(False, "report: train the vision-language projector fully (peft modules_to_save).")
+    load_in_4bit: bool = _opt(False, "report: QLoRA, the frozen base in 4-bit NF4 (CUDA only).")
+    # Report prompting
+    instruction: str = _opt(DEFAULT_INSTRUCTION, "report: the instruction given with the image.")
+    max_length: int = _opt(1024, "report: longest sequence (prompt with image tokens + report); only report text is ever cut.")
+    max_images_per_study: int = _opt(2, "report: images per study for families that take several (frontal first).")
     # Optimisation
     train_batch_size: int = _opt(8, "Batch size per device.")
     gradient_accumulation_steps: int = _opt(1, "Steps to accumulate before an optimizer update.")
@@ -92,6 +111,8 @@ class TrainConfig:
     validation_epochs: int | None = _opt(None, "Validate every N epochs.")
     validation_inference_steps: int = _opt(25, "Denoising steps for validation images.")
     validation_guidance_scale: float = _opt(7.5, "Guidance scale for validation images.")
+    num_validation_samples: int = _opt(8, "report: validation studies (from the val split, else held out of train).")
+    validation_max_new_tokens: int = _opt(128, "report: tokens generated per validation report.")
     # Checkpoints and output
     output_dir: str = _opt("medfm-lora", "Where the adapter, checkpoints and logs go.")
     checkpointing_steps: int = _opt(500, "Save a resumable checkpoint every N steps.")
@@ -103,6 +124,9 @@ class TrainConfig:
     license: str = _opt("other", "License in the model card (use the base model's, e.g. creativeml-openrail-m).")
 
     def __post_init__(self):
+        for key, default in TASK_DEFAULTS.get(self.task, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
         problems = []
         for key, value in (("rank", self.rank), ("train_batch_size", self.train_batch_size),
                            ("gradient_accumulation_steps", self.gradient_accumulation_steps), ("checkpointing_steps", self.checkpointing_steps)):

@@ -1,4 +1,4 @@
-"""Synthetic radiographs from prompts, each PNG carrying its provenance (prompt, seed, base, adapter, synthetic)."""
+"""Generation with adapters: radiographs from prompts (each PNG carrying its provenance) and reports from radiographs."""
 
 from __future__ import annotations
 
@@ -7,20 +7,29 @@ from pathlib import Path
 
 import torch
 import yaml
+from peft import PeftModel
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
+from transformers import AutoProcessor
 
+from .data.report_batches import encode_prompts
 from .lora import LORA_WEIGHTS_NAME
 from .models.diffusion import load_pipeline, resolve_base
+from .models.vlm import load_vlm, resolve_vlm
 
 
-def base_of_adapter(adapter: str | Path) -> str:
-    """The base model an adapter folder was trained on (from its training_config.yaml)."""
+def adapter_training_config(adapter: str | Path) -> dict:
+    """The training_config.yaml an adapter folder was written with."""
     config_file = Path(adapter) / "training_config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: pass --pretrained_model_name_or_path to name the base model")
     with open(config_file, encoding="utf-8") as f:
-        return yaml.safe_load(f)["pretrained_model_name_or_path"]
+        return yaml.safe_load(f)
+
+
+def base_of_adapter(adapter: str | Path) -> str:
+    """The base model an adapter folder was trained on."""
+    return adapter_training_config(adapter)["pretrained_model_name_or_path"]
 
 
 def load_text_to_image_pipeline(adapter: str | None = None, pretrained_model_name_or_path: str | None = None, device: str | None = None):
@@ -75,3 +84,28 @@ def generate_images(
     with open(output_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     return paths
+
+
+def load_report_model(adapter: str | None = None, pretrained_model_name_or_path: str | None = None, device: str | None = None):
+    """(model with the adapter loaded, processor, family): the processor saved with the adapter wins over the base's."""
+    base = pretrained_model_name_or_path or base_of_adapter(adapter)
+    model, processor, family = load_vlm(resolve_vlm(base))
+    if adapter is not None:
+        if (Path(adapter) / "processor_config.json").is_file() or (Path(adapter) / "preprocessor_config.json").is_file():
+            processor = AutoProcessor.from_pretrained(adapter)
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return model, processor, family
+
+
+@torch.no_grad()
+def generate_reports(model, processor, family, images: list[list], instructions: list[str], batch_size: int = 8,
+                     max_new_tokens: int = 256, show_progress: bool = True, **generate_kwargs) -> list[str]:
+    """One report per study (a list of PIL images each); greedy unless `do_sample=True` etc. are passed."""
+    reports = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="Writing reports", unit="batch", disable=not show_progress or len(starts) < 2):
+        inputs = encode_prompts(processor, family, instructions[start : start + batch_size], images[start : start + batch_size]).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+        reports += [text.strip() for text in processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+    return reports

@@ -40,3 +40,12 @@ def write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", slope=None,
         ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each test trains in a fresh process-wide accelerate state (mixed precision differs between tests)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,16 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .phantom import builtin_phantom_dir
 from .images import ImageReadError, read_radiograph, to_rgb_tensor
+from .phantom import builtin_phantom_dir
 from .reports import select_section, truncate_to_tokens
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_GUESSES = ("image", "file_name", "image_path", "path", "dicom_path", "filename")
 TEXT_COLUMN_GUESSES = ("text", "report", "caption", "impression", "findings")
+VALIDATION_SPLITS = ("val", "validate", "validation")
+PHANTOM_VALIDATION_SIZE = 32
 
 
 class BadRowError(RuntimeError):
@@ -91,8 +94,11 @@ def _pick_column(name: str | None, columns, guesses, what: str, source) -> str:
     raise ValueError(f"{source}: cannot tell which column holds the {what}; columns are {sorted(columns)}. Set --{what}_column.")
 
 
-def pairs_from_table(table: str | Path, image_column=None, caption_column=None, image_root=None) -> list[Pair]:
-    """Pairs from a CSV/JSONL table; relative image paths are resolved against `image_root` (default: the table's folder)."""
+def pairs_from_table(table: str | Path, image_column=None, caption_column=None, image_root=None, split: str | None = None) -> list[Pair]:
+    """Pairs from a CSV/JSONL table; relative image paths are resolved against `image_root` (default: the table's folder).
+
+    A table with a `split` column is filtered to `split` when one is given.
+    """
     table = Path(table)
     rows = _read_table(table)
     if not rows:
@@ -103,23 +109,31 @@ def pairs_from_table(table: str | Path, image_column=None, caption_column=None, 
     root = Path(image_root) if image_root else table.parent
     pairs = []
     for i, row in enumerate(rows):
+        if split and "split" in row and not _same_split(row["split"], split):
+            continue
         image = row.get(image_column)
         path = str(root / image) if image else None
         pairs.append(Pair(f"{table.name}:{i + 1}", path, row.get(caption_column), row))
     return pairs
 
 
-def pairs_from_imagefolder(data_dir: str | Path, image_column=None, caption_column=None) -> list[Pair]:
-    """Pairs from an imagefolder: `metadata.jsonl` or `metadata.csv` at the root or in its `train/` split."""
+def _same_split(name: str, wanted: str) -> bool:
+    return name == wanted or (name in VALIDATION_SPLITS and wanted in VALIDATION_SPLITS)
+
+
+def pairs_from_imagefolder(data_dir: str | Path, image_column=None, caption_column=None, split: str = "train") -> list[Pair]:
+    """Pairs from an imagefolder: `metadata.jsonl` or `metadata.csv` in its `split/` folder, or (train) at the root."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--train_data_dir {data_dir} is not a directory")
-    for folder in (data_dir, data_dir / "train"):
+    names = VALIDATION_SPLITS if split in VALIDATION_SPLITS else (split,)
+    folders = [data_dir / name for name in names] + ([data_dir] if split == "train" else [])
+    for folder in folders:
         for name in ("metadata.jsonl", "metadata.csv"):
             if (folder / name).is_file():
                 return pairs_from_table(folder / name, image_column or "file_name", caption_column)
     raise FileNotFoundError(
-        f"{data_dir}: no metadata.jsonl or metadata.csv. Add one with a `file_name` and a `text` column "
+        f"{data_dir}: no metadata.jsonl or metadata.csv for split {split!r}. Add one with a `file_name` and a `text` column "
         "(the datasets imagefolder convention), or pass a table with --train_data_file."
     )
 
@@ -145,6 +159,35 @@ def pairs_from_datasets(name_or_dir: str, config_name=None, split="train", image
             image = image.get("bytes") or image.get("path")
         pairs.append(Pair(f"{name_or_dir}[{i}]", image, row[caption_column]))
     return pairs
+
+
+def image_problem(image: str | bytes | None, source: str, decode: bool = True) -> str | None:
+    """Why an image cannot be used (missing, or with `decode` unreadable), or None."""
+    if image is None:
+        return "no image given"
+    if isinstance(image, str) and not Path(image).is_file():
+        return "image file not found"
+    if decode:
+        try:
+            read_radiograph(image, name=source)
+        except ImageReadError as err:
+            return str(err)
+    return None
+
+
+def screen_rows(num_rows: int, problem: Callable[[int], str | None], describe: Callable[[int], tuple[str, str]], quarantine: Quarantine) -> list[int]:
+    """Indices of usable rows, checked in parallel but quarantined in row order (so --strict names the first)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # image decoding releases the GIL
+        problems = pool.map(problem, range(num_rows))
+        good = []
+        for i, reason in enumerate(tqdm(problems, total=num_rows, desc="Checking rows", unit="row")):
+            if reason is None:
+                good.append(i)
+            else:
+                quarantine.add(*describe(i), reason)
+    if not good:
+        raise ValueError(f"No usable rows: all {num_rows} were bad (first reasons: {[r.reason for r in quarantine.rows[:3]]})")
+    return good
 
 
 class ImageReportDataset(Dataset):
@@ -173,38 +216,12 @@ class ImageReportDataset(Dataset):
         texts = [select_section(pair.report or "", report_section) for pair in pairs]
 
         def problem(i: int) -> str | None:
-            cheap = self._cheap_problem(pairs[i], texts[i], report_section)
-            return cheap or (self._decode_problem(pairs[i]) if verify_images else None)
+            return image_problem(pairs[i].image, _source(pairs[i]), verify_images) or (None if texts[i] else f"empty report (no text in section {report_section!r})")
 
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # image decoding releases the GIL
-            checks = tqdm(zip(pairs, texts, pool.map(problem, range(len(pairs)))), total=len(pairs), desc="Checking pairs", unit="row")
-            for pair, text, reason in checks:
-                if reason is not None:
-                    self.quarantine.add(pair.row_id, _source(pair), reason)
-                    continue
-                text, truncated = truncate_to_tokens(text, self.count_tokens, max_tokens)
-                self.num_truncated += truncated
-                self.rows.append((pair, text))
-        if not self.rows:
-            raise ValueError(f"No usable rows: all {len(pairs)} were bad (first reasons: {[r.reason for r in self.quarantine.rows[:3]]})")
-
-    @staticmethod
-    def _cheap_problem(pair: Pair, text: str, report_section: str) -> str | None:
-        if pair.image is None:
-            return "no image given"
-        if isinstance(pair.image, str) and not Path(pair.image).is_file():
-            return "image file not found"
-        if not text:
-            return f"empty report (no text in section {report_section!r})"
-        return None
-
-    @staticmethod
-    def _decode_problem(pair: Pair) -> str | None:
-        try:
-            read_radiograph(pair.image, name=_source(pair))
-        except ImageReadError as err:
-            return str(err)
-        return None
+        for i in screen_rows(len(pairs), problem, lambda i: (pairs[i].row_id, _source(pairs[i])), self.quarantine):
+            text, truncated = truncate_to_tokens(texts[i], self.count_tokens, max_tokens)
+            self.num_truncated += truncated
+            self.rows.append((pairs[i], text))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -242,13 +259,15 @@ def collate_pairs(examples: list[dict]) -> dict:
     return batch
 
 
-def load_pairs(train_data_dir=None, train_data_file=None, dataset_name=None, dataset_config_name=None,
-               image_column=None, caption_column=None, image_root=None, phantom_num_images=256) -> list[Pair]:
-    """Pairs from whichever source is given; with none, the built-in phantoms."""
+def load_pairs(train_data_dir=None, train_data_file=None, dataset_name=None, dataset_config_name=None, image_column=None,
+               caption_column=None, image_root=None, phantom_num_images=256, split="train") -> list[Pair]:
+    """Pairs of `split` from whichever source is given; with none, the built-in phantoms (validation: other seeds)."""
     if train_data_dir:
-        return pairs_from_imagefolder(train_data_dir, image_column, caption_column)
+        return pairs_from_imagefolder(train_data_dir, image_column, caption_column, split)
     if train_data_file:
-        return pairs_from_table(train_data_file, image_column, caption_column, image_root)
+        return pairs_from_table(train_data_file, image_column, caption_column, image_root, None if split == "train" else split)
     if dataset_name:
-        return pairs_from_datasets(dataset_name, dataset_config_name, image_column=image_column, caption_column=caption_column)
-    return pairs_from_imagefolder(builtin_phantom_dir(phantom_num_images))
+        return pairs_from_datasets(dataset_name, dataset_config_name, split, image_column, caption_column)
+    if split == "train":
+        return pairs_from_imagefolder(builtin_phantom_dir(phantom_num_images))
+    return pairs_from_imagefolder(builtin_phantom_dir(PHANTOM_VALIDATION_SIZE, seed=1))

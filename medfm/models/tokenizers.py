@@ -13,7 +13,7 @@ START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 
 @lru_cache
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable-unicode table (the BPE alphabet; no library exposes it)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
@@ -34,7 +34,7 @@ def clip_tokenizer(num_merges: int | None = None, model_max_length: int = 77) ->
     merges = [tuple(line.split()) for line in lines if line]
     if num_merges is not None:
         merges = merges[:num_merges]
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [START_TOKEN, END_TOKEN]
     vocab = {token: i for i, token in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

@@ -11,4 +11,8 @@ def recipe_for(config: TrainConfig):
         from .text_to_image import TextToImageLoRARecipe
 
         return TextToImageLoRARecipe(config)
+    if config.task == "report":
+        from .report import ReportLoRARecipe
+
+        return ReportLoRARecipe(config)
     raise ValueError(f"Unknown task {config.task!r}")

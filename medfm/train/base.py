@@ -33,6 +33,7 @@ class LoRARecipe:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.quarantine = Quarantine(strict=config.strict)
+        self._validated: tuple[int | None, object] = (None, None)  # (step, result) of the latest validation
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -188,6 +189,13 @@ class LoRARecipe:
         raise NotImplementedError
 
     def validate(self):
+        """Run validation once per step (the final step's result is reused by save_adapter)."""
+        step = self.progress.global_step
+        if self._validated[0] != step:
+            self._validated = (step, self._run_validation())
+        return self._validated[1]
+
+    def _run_validation(self):
         raise NotImplementedError
 
     def _record_bad_rows(self, bad_rows: list[BadRow]) -> None:

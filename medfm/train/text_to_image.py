@@ -120,7 +120,7 @@ class TextToImageLoRARecipe(LoRARecipe):
         return (loss * weights).mean()
 
     # ------------------------------------------------------------------------------------------------ outputs
-    def validate(self) -> Path | None:
+    def _run_validation(self) -> Path | None:
         """Render every validation prompt at a fixed seed; save the grid and log it to TensorBoard."""
         cfg, accelerator = self.config, self.accelerator
         if not cfg.validation_prompt or not accelerator.is_main_process:

@@ -1,0 +1,87 @@
+"""Model inputs for report generation: prompts with images, and training batches whose loss covers report tokens only.
+
+A training sequence is the processor's prompt (chat template + image tokens, expanded by the processor)
+followed by the report tokens and an end token. Only report text is ever cut (at a sentence boundary) to
+fit `max_length`, so image tokens always match the image features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.vlm import VLMFamily, answer_prefix, build_prompt
+from .reports import truncate_to_tokens
+
+IGNORE_INDEX = -100
+# Sequence-aligned processor outputs and the value their report tokens take (PaliGemma marks the suffix with 1).
+REPORT_TOKEN_FILL = {"token_type_ids": 1}
+
+
+def full_instruction(instruction: str, indication: str | None) -> str:
+    """The instruction, with the indication / clinical history when the study has one (LLaVA-Rad style)."""
+    return f"{instruction}\nIndication: {indication}" if indication else instruction
+
+
+def encode_prompts(processor, family: VLMFamily, instructions: list[str], images: list[list]) -> dict:
+    """Left-padded prompt batch for `model.generate` (also the prompt half of training sequences)."""
+    prompts = [build_prompt(processor, family, text, len(study_images)) for text, study_images in zip(instructions, images)]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+
+
+def end_token_id(model) -> int:
+    """The token generation stops at (the end of the assistant's turn for chat models)."""
+    eos = model.generation_config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
+class ReportCollator:
+    """Batches of studies -> model inputs with `labels` = -100 everywhere but the report and its end token."""
+
+    def __init__(self, processor, family: VLMFamily, instruction: str, max_length: int, eos_token_id: int):
+        self.processor, self.family, self.instruction = processor, family, instruction
+        self.max_length, self.eos_token_id = max_length, eos_token_id
+        self.pad_token_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos_token_id
+        self.answer_prefix = answer_prefix(processor, family)  # e.g. the space after LLaVA's "ASSISTANT:"
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.processor.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        bad_rows = [e["bad_row"] for e in examples if "bad_row" in e]
+        good = [e for e in examples if "bad_row" not in e]
+        batch = {"bad_rows": bad_rows, "num_examples": len(good)}
+        if not good:
+            return batch
+        encoded = encode_prompts(self.processor, self.family, [full_instruction(self.instruction, e["indication"]) for e in good],
+                                 [e["images"] for e in good])
+        sequence_keys = [k for k, v in encoded.items() if torch.is_tensor(v) and v.shape[:2] == encoded["input_ids"].shape]
+        rows, truncated = [], []
+        for i, example in enumerate(good):
+            keep = encoded["attention_mask"][i].bool()
+            row = {k: encoded[k][i][keep].tolist() for k in sequence_keys}
+            budget = self.max_length - len(row["input_ids"]) - 1
+            if budget < 1:
+                raise ValueError(f"--max_length {self.max_length} leaves no room for the report: the prompt with its image tokens "
+                                 f"is {len(row['input_ids'])} tokens. Raise --max_length.")
+            text, was_cut = truncate_to_tokens(example["report"], lambda t: self.count_tokens(self.answer_prefix + t), budget)
+            if was_cut:
+                truncated.append(example["row_id"])
+            report_ids = self.processor.tokenizer(self.answer_prefix + text, add_special_tokens=False).input_ids[:budget] + [self.eos_token_id]
+            prompt_length = len(row["input_ids"])
+            for key in sequence_keys:
+                fill = report_ids if key == "input_ids" else [1 if key == "attention_mask" else REPORT_TOKEN_FILL.get(key, 0)] * len(report_ids)
+                row[key] = row[key] + fill
+            row["labels"] = [IGNORE_INDEX] * prompt_length + report_ids
+            rows.append(row)
+        longest = max(len(row["input_ids"]) for row in rows)
+        pad_values = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+        for key in rows[0]:
+            batch[key] = torch.tensor([row[key] + [pad_values.get(key, 0)] * (longest - len(row[key])) for row in rows])
+        batch.update({k: v for k, v in encoded.items() if k not in sequence_keys})
+        batch["truncated_rows"] = truncated
+        return batch

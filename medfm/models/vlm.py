@@ -1,0 +1,342 @@
+"""Vision-language bases for report generation: LLaVA, Qwen2-VL, PaliGemma, Idefics3; tiny ones built offline."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    GemmaConfig,
+    Idefics3Config,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
+    Idefics3VisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaProcessor,
+    PaliGemmaConfig,
+    PaliGemmaProcessor,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+)
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+from ..paths import build_once, medfm_home
+from .tokenizers import CLIP_BPE_FILE, bytes_to_unicode
+
+TINY_VLM_VERSION = "1"
+_TINY_VOCAB_MERGES = 4000
+_TINY_IMAGE_SIZE, _TINY_PATCH_SIZE = 64, 8  # 64 px: big enough to show the phantoms' findings
+_TINY_PATCHES = (_TINY_IMAGE_SIZE // _TINY_PATCH_SIZE) ** 2
+
+BUILTIN_TINY_VLMS = {
+    "builtin:tiny-llava": "llava",
+    "builtin:tiny-qwen2-vl": "qwen2_vl",
+    "builtin:tiny-paligemma": "paligemma",
+    "builtin:tiny-idefics3": "idefics3",
+}
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    """What training needs to know about one architecture: where LoRA goes and how prompts look."""
+
+    name: str
+    model_types: tuple[str, ...]
+    language_model_pattern: str
+    vision_tower_pattern: str
+    projector_modules: tuple[str, ...]
+    supports_multiple_images: bool
+    has_chat_template: bool
+
+
+def _decoder_layers(language_model: str) -> str:
+    """Regex for the attention and MLP projections of a Llama/Qwen/Gemma-style decoder."""
+    return rf".*\.{language_model}\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def _vit_layers(vision_tower: str) -> str:
+    """Regex for the attention and MLP linears of a CLIP/SigLIP-style vision encoder."""
+    return rf".*\.{vision_tower}\..*encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
+
+
+VLM_FAMILIES = {
+    family.name: family
+    for family in (
+        VLMFamily("llava", ("llava",), _decoder_layers("language_model"), _vit_layers("vision_tower"),
+                  ("multi_modal_projector",), supports_multiple_images=True, has_chat_template=True),
+        VLMFamily("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), _decoder_layers("language_model"),
+                  r".*\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))",
+                  ("merger",), supports_multiple_images=True, has_chat_template=True),
+        VLMFamily("paligemma", ("paligemma",), _decoder_layers("language_model"), _vit_layers("vision_tower"),
+                  ("multi_modal_projector",), supports_multiple_images=False, has_chat_template=False),
+        VLMFamily("idefics3", ("idefics3", "smolvlm"), _decoder_layers("text_model"), _vit_layers("vision_model"),
+                  ("connector",), supports_multiple_images=True, has_chat_template=True),
+    )
+}
+
+
+def family_of(config_or_model: PreTrainedConfig | PreTrainedModel) -> VLMFamily:
+    """The family of a model or its config, by `model_type`."""
+    model_type = getattr(config_or_model, "config", config_or_model).model_type
+    for family in VLM_FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for family in VLM_FAMILIES.values() for t in family.model_types)
+    raise ValueError(f"Unsupported vision-language model type {model_type!r}; supported: {', '.join(supported)}")
+
+
+def _byte_level_bpe() -> Tokenizer:
+    """Byte-level BPE from CLIP's first merges: every text round-trips; a space joins the word after it."""
+    with gzip.open(resources.files("open_clip") / CLIP_BPE_FILE, "rt", encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1 : _TINY_VOCAB_MERGES + 1]]
+    alphabet = list(bytes_to_unicode().values())
+    pieces = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    space = bytes_to_unicode()[ord(" ")]
+    tokens = pieces + [space + piece for piece in pieces]
+    bpe = models.BPE(
+        vocab={token: i for i, token in enumerate(tokens)},
+        merges=merges + [(space, piece) for piece in pieces],
+        end_of_word_suffix="</w>",
+    )
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("</w>", ""), decoders.ByteLevel()])
+    return tokenizer
+
+
+def _tiny_tokenizer(special_tokens: list[str], **named_tokens) -> PreTrainedTokenizerFast:
+    """The tiny BPE with a family's special tokens; `named_tokens` are bos/eos/pad/unk_token and add_bos_token."""
+    return PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(), extra_special_tokens=special_tokens, **named_tokens)
+
+
+def _ids(tokenizer: PreTrainedTokenizerFast, **tokens: str) -> dict[str, int]:
+    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in tokens.items()}
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
+def _decoder_config(config_class, tokenizer: PreTrainedTokenizerFast, **kwargs):
+    """A 2-layer, 64-wide decoder whose vocab covers the tokenizer with its added tokens."""
+    return config_class(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, **_special_ids(tokenizer), **kwargs,
+    )
+
+
+def _vit_config(config_class, **kwargs):
+    """A 2-layer, 32-wide ViT on 32 px images in 8 px patches."""
+    return config_class(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=_TINY_IMAGE_SIZE, patch_size=_TINY_PATCH_SIZE, **kwargs,
+    )
+
+
+_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+_QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_IDEFICS3_CHAT_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def _tiny_llava() -> tuple[LlavaConfig, LlavaProcessor]:
+    """llava-1.5 shape: CLIP ViT (CLS dropped) -> 2-layer MLP projector -> Llama; one `<image>` becomes 16 tokens."""
+    tokenizer = _tiny_tokenizer(
+        ["<image>"], bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", add_bos_token=True
+    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": _TINY_IMAGE_SIZE}, crop_size=_TINY_IMAGE_SIZE)
+    processor = LlavaProcessor(
+        image_processor, tokenizer, patch_size=_TINY_PATCH_SIZE, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    config = LlavaConfig(
+        vision_config=_vit_config(CLIPVisionConfig, projection_dim=32),
+        text_config=_decoder_config(LlamaConfig, tokenizer),
+        image_token_index=processor.image_token_id, image_seq_length=_TINY_PATCHES,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    return config, processor
+
+
+def _tiny_qwen2_vl() -> tuple[Qwen2VLConfig, Qwen2VLProcessor]:
+    """Qwen2-VL shape: 32x32 px -> 4x4 patches -> 2x2 merge -> 4 `<|image_pad|>` tokens with M-RoPE positions."""
+    tokenizer = _tiny_tokenizer(
+        ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+        eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )
+    pixels = {"size": {"shortest_edge": _TINY_IMAGE_SIZE**2, "longest_edge": _TINY_IMAGE_SIZE**2}}
+    patches = {"patch_size": _TINY_PATCH_SIZE, "temporal_patch_size": 2, "merge_size": 2}
+    processor = Qwen2VLProcessor(
+        Qwen2VLImageProcessor(**pixels, **patches), tokenizer, Qwen2VLVideoProcessor(**pixels, **patches),
+        chat_template=_QWEN2_VL_CHAT_TEMPLATE,
+    )
+    text_config = _decoder_config(
+        Qwen2VLTextConfig, tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+    )
+    vision_config = Qwen2VLVisionConfig(
+        depth=2, embed_dim=32, hidden_size=text_config.hidden_size, num_heads=2, mlp_ratio=2,
+        patch_size=_TINY_PATCH_SIZE, spatial_merge_size=2, temporal_patch_size=2,
+    )
+    config = Qwen2VLConfig(
+        text_config=text_config, vision_config=vision_config,
+        **_ids(tokenizer, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+               vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>"),
+    )
+    return config, processor
+
+
+def _tiny_paligemma() -> tuple[PaliGemmaConfig, PaliGemmaProcessor]:
+    """PaliGemma shape: SigLIP ViT -> linear -> Gemma; the prefix `<image>`*16 `<bos>` prompt `\\n` attends both ways."""
+    tokenizer = _tiny_tokenizer(["<image>"], bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
+    image_processor = SiglipImageProcessor(size={"height": _TINY_IMAGE_SIZE, "width": _TINY_IMAGE_SIZE})
+    image_processor.image_seq_length = _TINY_PATCHES
+    processor = PaliGemmaProcessor(image_processor, tokenizer)  # adds 1152 <locXXXX>/<segXXX> tokens
+    text_config = _decoder_config(GemmaConfig, processor.tokenizer, head_dim=16)
+    config = PaliGemmaConfig(
+        vision_config=_vit_config(SiglipVisionConfig, vision_use_head=False), text_config=text_config,
+        image_token_index=processor.image_token_id, projection_dim=text_config.hidden_size,
+        hidden_size=text_config.hidden_size, vocab_size=text_config.vocab_size,
+    )
+    return config, processor
+
+
+def _tiny_idefics3() -> tuple[Idefics3Config, Idefics3Processor]:
+    """Idefics3 shape: SigLIP-like ViT -> pixel shuffle (x2) -> linear -> Llama; one `<image>` is 4 tokens, unsplit."""
+    grid = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
+    tokenizer = _tiny_tokenizer(
+        ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid],
+        bos_token="<|begin_of_text|>", eos_token="<end_of_utterance>", pad_token="<|end_of_text|>",
+    )
+    size = {"longest_edge": _TINY_IMAGE_SIZE}
+    image_processor = Idefics3ImageProcessor(size=size, max_image_size=size, do_image_splitting=False)
+    scale_factor = 2
+    processor = Idefics3Processor(
+        image_processor, tokenizer, image_seq_len=_TINY_PATCHES // scale_factor**2,
+        chat_template=_IDEFICS3_CHAT_TEMPLATE,
+    )
+    config = Idefics3Config(
+        vision_config=_vit_config(Idefics3VisionConfig), text_config=_decoder_config(LlamaConfig, tokenizer),
+        image_token_id=processor.image_token_id, scale_factor=scale_factor, pad_token_id=tokenizer.pad_token_id,
+    )
+    return config, processor
+
+
+_TINY_BUILDERS: dict[str, Callable[[], tuple[PreTrainedConfig, ProcessorMixin]]] = {
+    "llava": _tiny_llava, "qwen2_vl": _tiny_qwen2_vl, "paligemma": _tiny_paligemma, "idefics3": _tiny_idefics3,
+}
+
+
+def build_tiny_vlm(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A VLM of the family's architecture with well under 5M parameters, from configs (random weights, fixed by seed)."""
+    if family not in _TINY_BUILDERS:
+        raise ValueError(f"Unknown VLM family {family!r}; choose one of {', '.join(_TINY_BUILDERS)}")
+    config, processor = _TINY_BUILDERS[family]()
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.update(**_special_ids(processor.tokenizer))
+    return model, processor
+
+
+def materialize_builtin_vlm(name: str) -> Path:
+    """Write the built-in VLM once as a normal model + processor folder under medfm_home() and return its path."""
+    if name not in BUILTIN_TINY_VLMS:
+        raise ValueError(f"Unknown built-in VLM {name!r}; the built-ins are {', '.join(BUILTIN_TINY_VLMS)}")
+
+    def build(folder: Path) -> None:
+        model, processor = build_tiny_vlm(BUILTIN_TINY_VLMS[name])
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    target = medfm_home() / "bases" / f"{name.removeprefix('builtin:')}-v{TINY_VLM_VERSION}"
+    return build_once(target, "config.json", build)
+
+
+def resolve_vlm(name_or_path: str) -> str:
+    """The Hub id or folder to load: built-in names become their local folder."""
+    if name_or_path.startswith("builtin:"):
+        return str(materialize_builtin_vlm(name_or_path))
+    return name_or_path
+
+
+def load_vlm(
+    name_or_path: str, revision: str | None = None, torch_dtype: torch.dtype | str | None = None, load_in_4bit: bool = False
+) -> tuple[PreTrainedModel, ProcessorMixin, VLMFamily]:
+    """Model, processor and family of a supported VLM; `load_in_4bit` quantises it to NF4 for QLoRA (CUDA only)."""
+    if load_in_4bit and not torch.cuda.is_available():
+        raise RuntimeError("--load_in_4bit (QLoRA) needs a CUDA GPU; drop the flag to train in bf16/fp32")
+    path = resolve_vlm(name_or_path)
+    family = family_of(AutoConfig.from_pretrained(path, revision=revision))
+    quantization = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        if load_in_4bit else None
+    )
+    model = AutoModelForImageTextToText.from_pretrained(path, revision=revision, dtype=torch_dtype, quantization_config=quantization)
+    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    return model, processor, family
+
+
+def build_prompt(processor: ProcessorMixin, family: VLMFamily, instruction: str, num_images: int = 1) -> str:
+    """The processor text for `num_images` images and an instruction, ending where the answer starts.
+
+    PaliGemma has no chat template: its prefix is `<image>`s + instruction, and the processor adds `<bos>` after
+    the images and the closing `\\n`.
+    """
+    if num_images > 1 and not family.supports_multiple_images:
+        raise ValueError(f"{family.name} takes one image per prompt, got {num_images}")
+    if not family.has_chat_template:
+        return processor.image_token * num_images + instruction
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": instruction}]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def answer_prefix(processor: ProcessorMixin, family: VLMFamily) -> str:
+    """Text between the prompt and the answer in a full conversation (" " after LLaVA's "ASSISTANT:", else "")."""
+    if not family.has_chat_template:
+        return ""
+    marker = "\x00answer\x00"
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}
+    prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+    conversation = processor.apply_chat_template([user, {"role": "assistant", "content": [{"type": "text", "text": marker}]}], tokenize=False)
+    if not conversation.startswith(prompt) or marker not in conversation:
+        raise ValueError(f"{family.name}: the chat template does not continue the generation prompt with the answer")
+    return conversation[len(prompt) : conversation.index(marker)]

@@ -28,9 +28,11 @@ def encode_prompts(processor, family: VLMFamily, instructions: list[str], images
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        return processor(text=prompts, images=images, padding=True, return_tensors="pt")
+        encoded = processor(text=prompts, images=images, padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
+    encoded.pop("labels", None)  # PaliGemma's processor adds all -100 labels when no suffix is given
+    return encoded
 
 
 def end_token_id(model) -> int:

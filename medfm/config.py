@@ -81,7 +81,8 @@ class TrainConfig:
     num_train_epochs: int | None = _opt(None, "Epochs, used when --max_train_steps is not set.")
     learning_rate: float = _opt(1e-4, "Peak learning rate.")
     scale_lr: bool = _opt(False, "Multiply the learning rate by batch size, accumulation steps and processes.")
-    lr_scheduler: str = _opt("constant", "Learning-rate schedule.", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    lr_scheduler: str = _opt("constant", "Learning-rate schedule.",
+                             ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     lr_warmup_steps: int = _opt(0, "Warm-up steps of the schedule.")
     use_8bit_adam: bool = _opt(True, "bitsandbytes 8-bit AdamW (works on CPU too).")
     adam_beta1: float = _opt(0.9, "AdamW beta1.")

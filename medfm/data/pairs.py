@@ -216,7 +216,8 @@ class ImageReportDataset(Dataset):
         texts = [select_section(pair.report or "", report_section) for pair in pairs]
 
         def problem(i: int) -> str | None:
-            return image_problem(pairs[i].image, _source(pairs[i]), verify_images) or (None if texts[i] else f"empty report (no text in section {report_section!r})")
+            empty = None if texts[i] else f"empty report (no text in section {report_section!r})"
+            return image_problem(pairs[i].image, _source(pairs[i]), verify_images) or empty
 
         for i in screen_rows(len(pairs), problem, lambda i: (pairs[i].row_id, _source(pairs[i])), self.quarantine):
             text, truncated = truncate_to_tokens(texts[i], self.count_tokens, max_tokens)

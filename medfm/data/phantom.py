@@ -292,12 +292,14 @@ def write_report(case: PhantomCase) -> dict[str, str]:
             findings.append(pick([f"Subtle opacity in the {where}, possibly early pneumonia.", f"Ill-defined {where} opacity; pneumonia cannot be excluded."]))
             impression.append(f"Possible {c['side']} {c['zone']} lobe pneumonia.")
         else:
-            findings.append(pick([f"Focal consolidation in the {where}.", f"Airspace consolidation in the {where}, concerning for pneumonia.", f"Dense {where} opacity consistent with consolidation."]))
+            findings.append(pick([f"Focal consolidation in the {where}.", f"Airspace consolidation in the {where}, concerning for pneumonia.",
+                                  f"Dense {where} opacity consistent with consolidation."]))
             impression.append(pick([f"{c['side'].capitalize()} {c['zone']} lobe consolidation.", f"{c['side'].capitalize()} {c['zone']} lobe pneumonia."]))
     if case.nodule:
         n = case.nodule
         findings.append(f"{n['size_cm']} cm nodule in the {n['side']} {n['zone']} lung zone.")
-        impression.append(pick([f"{n['size_cm']} cm {n['side']} pulmonary nodule; recommend CT for further evaluation.", f"{n['side'].capitalize()} lung nodule."]))
+        impression.append(pick([f"{n['size_cm']} cm {n['side']} pulmonary nodule; recommend CT for further evaluation.",
+                                f"{n['side'].capitalize()} lung nodule."]))
     if not (case.consolidation or case.nodule):
         findings.append(pick(["The lungs are clear.", "Lungs are clear without focal consolidation.", "No focal airspace opacity."]))
 
@@ -309,7 +311,8 @@ def write_report(case: PhantomCase) -> dict[str, str]:
             findings.append(pick([f"Blunting of the {sides} costophrenic angle may reflect a small {plural}.", f"Possible small {sides} pleural {plural}."]))
             impression.append(f"Possible small {sides} pleural {plural}.")
         else:
-            findings.append(pick([f"{e['size'].capitalize()} {sides} pleural {plural}.", f"There is a {e['size']} {sides} pleural {plural}." if plural == "effusion" else f"There are {e['size']} bilateral pleural effusions."]))
+            verb = "There is a" if plural == "effusion" else "There are"
+            findings.append(pick([f"{e['size'].capitalize()} {sides} pleural {plural}.", f"{verb} {e['size']} {sides} pleural {plural}."]))
             impression.append(f"{e['size'].capitalize()} {sides} pleural {plural}.")
     if case.pneumothorax:
         p = case.pneumothorax
@@ -317,7 +320,8 @@ def write_report(case: PhantomCase) -> dict[str, str]:
             findings.append(f"Questionable small {p['side']} apical pneumothorax.")
             impression.append(f"Possible small {p['side']} pneumothorax; consider repeat imaging.")
         else:
-            findings.append(pick([f"{p['size'].capitalize()} {p['side']} pneumothorax.", f"There is a {p['size']} {p['side']}-sided pneumothorax with visible pleural line."]))
+            findings.append(pick([f"{p['size'].capitalize()} {p['side']} pneumothorax.",
+                                  f"There is a {p['size']} {p['side']}-sided pneumothorax with visible pleural line."]))
             impression.append(f"{p['size'].capitalize()} {p['side']} pneumothorax.")
     negatives = []
     if not case.effusion:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -57,6 +58,10 @@ class LoRARecipe:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.device.type == "cpu" and self.accelerator.num_processes == 1 and torch.get_num_threads() == 1:
+            # `accelerate launch` sets OMP_NUM_THREADS=1 for CPU runs; with a single process that idles the other cores.
+            torch.set_num_threads(os.cpu_count() or 1)
+            logger.info(f"Single CPU process: using {torch.get_num_threads()} threads")
         set_seed(cfg.seed)  # LoRA initialisation
         # Every random draw of training (noise, timesteps, ...) comes from this generator,
         # so a resumed run continues exactly where it stopped.

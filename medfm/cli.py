@@ -65,6 +65,28 @@ def _report(args) -> None:
             print(f"{', '.join(n)}:\n{r}\n" if len(reports) > 1 else r)
 
 
+def _label(args) -> None:
+    import json
+
+    from .eval.labeler import label_reports
+    from .eval.report_metrics import read_reports
+
+    reports = read_reports(args.file)
+    ids = list(reports) if isinstance(reports, dict) else [str(i) for i in range(len(reports))]
+    for report_id, labels in zip(ids, label_reports(list(reports.values() if isinstance(reports, dict) else reports))):
+        print(json.dumps({"id": report_id, **{k: v for k, v in labels.items() if v is not None}}))
+
+
+def _eval_reports(args) -> None:
+    from .eval.report_metrics import evaluate_reports, format_metrics, pair_reports, read_reports, write_report_evaluation
+
+    ids, references, predictions = pair_reports(read_reports(args.references), read_reports(args.predictions))
+    result = evaluate_reports(references, predictions, bootstrap_samples=args.bootstrap, uncertain=args.uncertain, seed=args.seed)
+    path = write_report_evaluation(result, ids, references, predictions, args.output_dir)
+    print(format_metrics(result))
+    print(f"Wrote {path} and per_report.jsonl")
+
+
 def _train(argv: list[str]) -> None:
     from .config import parse_train_config
     from .train import recipe_for
@@ -119,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--num_beams", type=int, default=1)
     report.add_argument("--seed", type=int, default=0, help="Fixes sampling.")
     report.set_defaults(run=_report)
+
+    label = commands.add_parser("label", help="CheXpert labels (1 / 0 / -1) of each report in a .jsonl, .csv or .txt file.")
+    label.add_argument("file")
+    label.set_defaults(run=_label)
+
+    evaluate = commands.add_parser("eval", help="Evaluate generated reports or images.")
+    targets = evaluate.add_subparsers(dest="target", required=True)
+    reports = targets.add_parser("reports", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr, CheXpert-label F1, with bootstrap 95% CIs.")
+    reports.add_argument("--references", required=True, help=".jsonl/.csv (id + report columns) or .txt (one per line).")
+    reports.add_argument("--predictions", required=True, help="Same format; matched by id, else by order.")
+    reports.add_argument("--output_dir", required=True)
+    reports.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% CIs (0: none).")
+    reports.add_argument("--uncertain", choices=["negative", "positive"], default="negative", help="How uncertain labels count in F1.")
+    reports.add_argument("--seed", type=int, default=0)
+    reports.set_defaults(run=_eval_reports)
     return parser
 
 

@@ -2,39 +2,30 @@
 
     python benchmarks/report_findings.py --adapter medfm-report-lora --num_images 64
 
-Provisional positive-mention check (a finding's keyword in a sentence without a negation cue) until medfm's
-CheXpert-style labeler exists; results are written to benchmarks/RESULTS-report-findings.md.
+A finding counts as named when medfm's CheXpert labeler marks it positive in the generated report.
+Results are written to benchmarks/RESULTS-report-findings.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import os
+import platform
+import sys
 from pathlib import Path
 
 from medfm.data.phantom import make_phantom
 from medfm.data.report_batches import full_instruction
 from medfm.data.studies import to_pil_rgb
+from medfm.eval.labeler import label_report
 from medfm.generate import adapter_training_config, generate_reports, load_report_model
 
-FINDINGS = {  # CheXpert label -> words a report uses to name it
-    "Cardiomegaly": r"cardiomegaly|enlarge(d|ment)|heart is enlarged",
-    "Pleural Effusion": r"effusion",
-    "Pneumothorax": r"pneumothorax",
-    "Consolidation": r"consolidation|pneumonia|opacity",
-    "Lung Lesion": r"nodule",
-    "Support Devices": r"tube|catheter|line|pacemaker|pacing|device",
-}
-NEGATION = re.compile(r"\b(no|without|negative for|free of|normal)\b", re.I)
+FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation", "Lung Lesion", "Support Devices")
 
 
 def positive_mentions(report: str) -> set[str]:
-    found = set()
-    for sentence in re.split(r"(?<=[.;])\s+", report):
-        if NEGATION.search(sentence):
-            continue
-        found |= {label for label, words in FINDINGS.items() if re.search(words, sentence, re.I)}
-    return found
+    labels = label_report(report)
+    return {name for name in FINDINGS if labels[name] == 1.0}
 
 
 def score(reports: list[str], records: list[dict]) -> dict[str, float]:
@@ -68,7 +59,10 @@ def main() -> None:
             f"{rows[0][1]['pairs present']} (image, present finding) pairs, greedy decoding.\n\n" + "\n".join(lines)
             + "\n\nFirst report, base: " + rows[0][2][:200] + "\n\nFirst report, adapted: " + rows[1][2][:200] + "\n")
     print(text)
-    Path(__file__).with_name("RESULTS-report-findings.md").write_text("# Report findings: base vs adapter\n\n" + text)
+    command = "python benchmarks/report_findings.py " + " ".join(sys.argv[1:])
+    Path(__file__).with_name("RESULTS-report-findings.md").write_text(
+        f"# Report findings: base vs adapter\n\nReproduce: `{command}` (adapter from `accelerate launch recipes/train_lora.py "
+        f"--config recipes/configs/demo-report.yaml`; {platform.machine()}, {os.cpu_count()} CPU cores, no GPU).\n\n" + text)
 
 
 if __name__ == "__main__":

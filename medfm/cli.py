@@ -87,6 +87,18 @@ def _eval_reports(args) -> None:
     print(f"Wrote {path} and per_report.jsonl")
 
 
+def _eval_utility(args) -> None:
+    import json
+
+    from .eval.utility import evaluate_utility, mean_auc, write_utility
+
+    result = evaluate_utility(args.real, args.synthetic, args.labels, size=args.resolution, epochs=args.epochs, seed=args.seed)
+    path = write_utility(result, args.output_dir)
+    print(json.dumps(result["conditioning_accuracy"], indent=1))
+    print(f"mean AUC on held-out real: real only {mean_auc(result['auc_real'])}, real + synthetic {mean_auc(result['auc_real_plus_synthetic'])}")
+    print(f"Wrote {path}")
+
+
 def _train(argv: list[str]) -> None:
     from .config import parse_train_config
     from .train import recipe_for
@@ -156,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_argument("--uncertain", choices=["negative", "positive"], default="negative", help="How uncertain labels count in F1.")
     reports.add_argument("--seed", type=int, default=0)
     reports.set_defaults(run=_eval_reports)
+
+    from .eval.utility import DEFAULT_LABELS
+
+    utility = targets.add_parser("utility", help="Conditioning accuracy and downstream AUC of synthetic images (classifier on real labels).")
+    utility.add_argument("--real", required=True, help="Imagefolder of real images with CheXpert label columns.")
+    utility.add_argument("--synthetic", required=True, help="Imagefolder of generated images (label columns, or prompts in `text`).")
+    utility.add_argument("--labels", nargs="+", default=list(DEFAULT_LABELS))
+    utility.add_argument("--output_dir", required=True)
+    utility.add_argument("--resolution", type=int, default=64)
+    utility.add_argument("--epochs", type=int, default=8)
+    utility.add_argument("--seed", type=int, default=0)
+    utility.set_defaults(run=_eval_utility)
     return parser
 
 

@@ -60,8 +60,8 @@ def test_phantom_reports_agree_with_their_labels():
     for seed in range(300):
         _, record = make_phantom(seed, 16)
         labels = label_report(record["text"])
-        for name in ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation", "Lung Lesion", "Support Devices"):
-            if record[name] in (0.0, 1.0):
+        for name in ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation", "Lung Lesion", "Support Devices", "Pneumonia"):
+            if record[name] is not None:
                 checked += 1
                 agreed += labels[name] == record[name]
-    assert agreed / checked > 0.97
+    assert agreed / checked > 0.99

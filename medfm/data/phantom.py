@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..paths import build_once, medfm_home
 
-PHANTOM_VERSION = "1"
+PHANTOM_VERSION = "2"
 
 CHEXPERT_LABELS = (
     "No Finding",
@@ -272,14 +272,16 @@ DEVICE_SENTENCES = {
 }
 
 
-def write_report(case: PhantomCase) -> dict[str, str]:
-    """Findings and impression sections describing `case`, phrased variably from its seed."""
+def write_report(case: PhantomCase) -> tuple[dict[str, str], float | None]:
+    """Findings and impression sections describing `case`, phrased variably from its seed, and the Pneumonia label
+    that phrasing implies (pneumonia is an interpretation the report may or may not make)."""
     rng = np.random.default_rng([case.seed, 2])
 
     def pick(options):
         return str(options[int(rng.integers(len(options)))])
 
     findings, impression = [], []
+    pneumonia = -1.0 if "consolidation" in case.hedged else None
     for device in case.devices:
         findings.append(pick(DEVICE_SENTENCES[device]).format(d=int(rng.integers(3, 6))))
     if case.devices:
@@ -292,9 +294,11 @@ def write_report(case: PhantomCase) -> dict[str, str]:
             findings.append(pick([f"Subtle opacity in the {where}, possibly early pneumonia.", f"Ill-defined {where} opacity; pneumonia cannot be excluded."]))
             impression.append(f"Possible {c['side']} {c['zone']} lobe pneumonia.")
         else:
-            findings.append(pick([f"Focal consolidation in the {where}.", f"Airspace consolidation in the {where}, concerning for pneumonia.",
-                                  f"Dense {where} opacity consistent with consolidation."]))
+            finding = pick([f"Focal consolidation in the {where}.", f"Airspace consolidation in the {where}, concerning for pneumonia.",
+                            f"Dense {where} opacity consistent with consolidation."])
+            findings.append(finding)
             impression.append(pick([f"{c['side'].capitalize()} {c['zone']} lobe consolidation.", f"{c['side'].capitalize()} {c['zone']} lobe pneumonia."]))
+            pneumonia = 1.0 if impression[-1].endswith("pneumonia.") else -1.0 if "concerning for pneumonia" in finding else None
     if case.nodule:
         n = case.nodule
         findings.append(f"{n['size_cm']} cm nodule in the {n['side']} {n['zone']} lung zone.")
@@ -308,7 +312,9 @@ def write_report(case: PhantomCase) -> dict[str, str]:
         sides = "bilateral" if len(e["sides"]) == 2 else e["sides"][0]
         plural = "effusions" if len(e["sides"]) == 2 else "effusion"
         if "effusion" in case.hedged:
-            findings.append(pick([f"Blunting of the {sides} costophrenic angle may reflect a small {plural}.", f"Possible small {sides} pleural {plural}."]))
+            angles = "both costophrenic angles" if sides == "bilateral" else f"the {sides} costophrenic angle"
+            article = "" if plural == "effusions" else "a "
+            findings.append(pick([f"Blunting of {angles} may reflect {article}small {plural}.", f"Possible small {sides} pleural {plural}."]))
             impression.append(f"Possible small {sides} pleural {plural}.")
         else:
             verb = "There is a" if plural == "effusion" else "There are"
@@ -342,10 +348,10 @@ def write_report(case: PhantomCase) -> dict[str, str]:
         impression.insert(0, pick(["No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.", "Normal chest radiograph."]))
     if not case.pneumothorax and (case.devices or case.effusion) and rng.random() < 0.5:
         impression.append("No pneumothorax.")
-    return {"findings": " ".join(s for s in findings if s), "impression": " ".join(impression)}
+    return {"findings": " ".join(s for s in findings if s), "impression": " ".join(impression)}, pneumonia
 
 
-def chexpert_labels(case: PhantomCase) -> dict[str, float | None]:
+def chexpert_labels(case: PhantomCase, pneumonia: float | None = None) -> dict[str, float | None]:
     """The 14 CheXpert labels a careful reader would assign to `case`'s report."""
     labels: dict[str, float | None] = dict.fromkeys(CHEXPERT_LABELS)
 
@@ -360,9 +366,11 @@ def chexpert_labels(case: PhantomCase) -> dict[str, float | None]:
     if case.pneumothorax:
         mark("Pneumothorax", "pneumothorax")
     if case.consolidation:
-        mark("Consolidation", "consolidation")
-        mark("Lung Opacity", "consolidation")
-        labels["Pneumonia"] = -1.0
+        if "consolidation" in case.hedged:  # "subtle/ill-defined opacity ... possible pneumonia": no consolidation named
+            labels["Lung Opacity"] = 1.0
+        else:
+            labels["Consolidation"] = labels["Lung Opacity"] = 1.0
+        labels["Pneumonia"] = pneumonia
     if case.nodule:
         labels["Lung Lesion"] = 1.0
     if case.devices:
@@ -375,14 +383,14 @@ def chexpert_labels(case: PhantomCase) -> dict[str, float | None]:
 def make_phantom(seed: int, size: int = 256) -> tuple[np.ndarray, dict]:
     """One phantom: the image and its record (report sections, full text, labels, view, seed)."""
     case = sample_case(seed)
-    sections = write_report(case)
+    sections, pneumonia = write_report(case)
     record = {
         "text": f"FINDINGS: {sections['findings']} IMPRESSION: {sections['impression']}",
         **sections,
         "view": case.view,
         "seed": seed,
         "phantom_version": PHANTOM_VERSION,
-        **chexpert_labels(case),
+        **chexpert_labels(case, pneumonia),
     }
     return render_phantom(case, size), record
 

@@ -27,7 +27,7 @@ MENTIONS = {
     "Pneumonia": r"pneumoni\w*|infectio\w*|infectious process",
     "Atelectasis": r"atelecta\w*|collapse",
     "Pneumothorax": r"pneumothora\w*|\bptx\b",
-    "Pleural Effusion": r"(?<!pericardial )effusions?|pleural fluid|(?:blunting|blunted) (?:of )?(?:the )?(?:\w+ )?costophrenic",
+    "Pleural Effusion": r"(?<!pericardial )effusions?|pleural fluid",
     "Pleural Other": r"pleural (?:thickening|scarring|plaques?)|fibrothorax|pleural-parenchymal scarring",
     "Fracture": r"fractur\w*",
     "Support Devices": r"(?:endotracheal|et|nasogastric|ng|enteric|orogastric|og|feeding|chest|tracheostomy|dobhoff) tubes?|tubes? and lines?"

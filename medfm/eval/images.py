@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from torch import nn
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure, structural_similarity_index_measure
-from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
+from torchmetrics.image.fid import FrechetInceptionDistance  # torchmetrics.image exports these only with torch-fidelity
+from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.transforms import v2
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm

@@ -99,6 +99,17 @@ def _eval_utility(args) -> None:
     print(f"Wrote {path}")
 
 
+def _eval_images(args) -> None:
+    import json
+
+    from .eval.images import evaluate_image_folders
+
+    metrics = evaluate_image_folders(args.real, args.generated, args.output_dir, size=args.resolution, extractor=args.feature_extractor,
+                                     training_dir=args.training_dir, clip_model=args.clip_model)
+    print(json.dumps(metrics, indent=1, default=str)[:4000])
+    print(f"Wrote {args.output_dir}/metrics.json and {args.output_dir}/index.html")
+
+
 def _train(argv: list[str]) -> None:
     from .config import parse_train_config
     from .train import recipe_for
@@ -168,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_argument("--uncertain", choices=["negative", "positive"], default="negative", help="How uncertain labels count in F1.")
     reports.add_argument("--seed", type=int, default=0)
     reports.set_defaults(run=_eval_reports)
+
+    images = targets.add_parser("images", help="FID/KID, MS-SSIM diversity, CLIP score and a memorization audit, with an HTML report.")
+    images.add_argument("--real", required=True, help="Folder of real radiographs (PNG/JPEG/DICOM).")
+    images.add_argument("--generated", required=True, help="Folder of generated radiographs (metadata.jsonl prompts enable diversity/CLIP).")
+    images.add_argument("--output_dir", required=True)
+    images.add_argument("--resolution", type=int, default=128)
+    images.add_argument("--feature_extractor", default="inception",
+                        help="inception (standard FID InceptionV3) or an open_clip spec, e.g. hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224.")
+    images.add_argument("--training_dir", help="Training images for the memorization audit.")
+    images.add_argument("--clip_model", help="open_clip spec for the image-text CLIP score.")
+    images.set_defaults(run=_eval_images)
 
     from .eval.utility import DEFAULT_LABELS
 

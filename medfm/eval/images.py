@@ -280,7 +280,7 @@ def memorization_audit(
     generated: torch.Tensor,
     training: torch.Tensor,
     extractor: nn.Module | None = None,
-    threshold: float = 0.95,
+    threshold: float = 0.97,
     k: int = 8,
     features: tuple[torch.Tensor, torch.Tensor] | None = None,
     batch_size: int = 32,
@@ -288,6 +288,7 @@ def memorization_audit(
     """Nearest training image (feature cosine) of every generated image, its pixel SSIM, and the near-copy rate.
 
     `features` = (generated, training) features skips extraction. "worst" lists the k pairs of highest cosine.
+    Calibrate `threshold` on your data: with Inception features, distinct 64-px phantoms already reach 0.95.
     """
     gen_f, train_f = features or (extract_features(generated, extractor, batch_size), extract_features(training, extractor, batch_size))
     gen_f, train_f = nn.functional.normalize(gen_f.float(), dim=-1), nn.functional.normalize(train_f.float(), dim=-1)

@@ -81,7 +81,8 @@ def _eval_reports(args) -> None:
     from .eval.report_metrics import evaluate_reports, format_metrics, pair_reports, read_reports, write_report_evaluation
 
     ids, references, predictions = pair_reports(read_reports(args.references), read_reports(args.predictions))
-    result = evaluate_reports(references, predictions, bootstrap_samples=args.bootstrap, uncertain=args.uncertain, seed=args.seed)
+    result = evaluate_reports(references, predictions, bootstrap_samples=args.bootstrap, uncertain=args.uncertain, seed=args.seed,
+                              bertscore_model=args.bertscore_model)
     path = write_report_evaluation(result, ids, references, predictions, args.output_dir)
     print(format_metrics(result))
     print(f"Wrote {path} and per_report.jsonl")
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% CIs (0: none).")
     reports.add_argument("--uncertain", choices=["negative", "positive"], default="negative", help="How uncertain labels count in F1.")
     reports.add_argument("--seed", type=int, default=0)
+    reports.add_argument("--bertscore_model", help="Local model folder for BERTScore (e.g. roberta-large saved with save_pretrained).")
     reports.set_defaults(run=_eval_reports)
 
     images = targets.add_parser("images", help="FID/KID, MS-SSIM diversity, CLIP score and a memorization audit, with an HTML report.")

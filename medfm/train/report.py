@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, se
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from ..config import TrainConfig, save_config
+from ..config import TrainConfig
 from ..data.report_batches import ReportCollator, end_token_id, full_instruction
 from ..data.studies import ReportStudyDataset, load_studies
 from ..eval.report_metrics import quick_report_metrics
@@ -128,20 +128,12 @@ class ReportLoRARecipe(LoRARecipe):
             f.writelines(json.dumps({"row_id": e["row_id"], "reference": e["report"], "generated": p}) + "\n" for e, p in zip(examples, predictions))
         return metrics
 
-    def save_adapter(self) -> Path:
-        """PEFT adapter (adapter_model.safetensors + adapter_config.json), processor, model card, config, bad rows."""
-        accelerator = self.accelerator
-        accelerator.wait_for_everyone()
-        self.gather_bad_rows()
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(self.model).save_pretrained(self.output_dir)
-            self.processor.save_pretrained(self.output_dir)
-            metrics = self.validate()
-            self.quarantine.write(self.output_dir / "bad_rows.jsonl")
-            resolved = TrainConfig(**{**self.config.to_dict(), "pretrained_model_name_or_path": self.base, "resume_from_checkpoint": None})
-            save_config(resolved, self.output_dir / "training_config.yaml")
-            write_report_card(self.output_dir, resolved, self.base, self.family.name, num_studies=len(self.dataset),
-                              num_bad=len(self.quarantine.rows), num_truncated=len(self.truncated_rows), metrics=metrics)
-            print(f"Adapter saved to {self.output_dir.resolve()} ({len(self.quarantine.rows)} bad rows listed in bad_rows.jsonl; "
-                  f"{len(self.truncated_rows)} reports cut to fit --max_length)")
-        return self.output_dir
+    def _save_adapter_weights(self) -> None:
+        """PEFT adapter (adapter_model.safetensors + adapter_config.json) and the processor."""
+        self.accelerator.unwrap_model(self.model).save_pretrained(self.output_dir)
+        self.processor.save_pretrained(self.output_dir)
+        logger.info(f"{len(self.truncated_rows)} reports were cut to fit --max_length")
+
+    def _write_model_card(self, resolved: TrainConfig, validation: dict | None) -> None:
+        write_report_card(self.output_dir, resolved, self.base, self.family.name, num_studies=len(self.dataset),
+                          num_bad=len(self.quarantine.rows), num_truncated=len(self.truncated_rows), metrics=validation)

@@ -13,7 +13,7 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.data import DataLoader
 
-from ..config import TrainConfig, save_config
+from ..config import TrainConfig
 from ..data.pairs import ImageReportDataset, collate_pairs, load_pairs
 from ..hub import write_text_to_image_card
 from ..lora import attach_lora, load_lora_adapter, save_lora_adapter
@@ -144,20 +144,11 @@ class TextToImageLoRARecipe(LoRARecipe):
                 tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), self.progress.global_step, dataformats="NHWC")
         return path
 
-    def save_adapter(self) -> Path:
-        """The shareable folder: LoRA weights, model card, resolved config, validation grids, bad rows."""
-        accelerator = self.accelerator
-        accelerator.wait_for_everyone()
-        self.gather_bad_rows()
-        if accelerator.is_main_process:
-            unet = accelerator.unwrap_model(self.unet)
-            text_encoder = accelerator.unwrap_model(self.text_encoder) if self.config.train_text_encoder else None
-            save_lora_adapter(self.output_dir, unet, text_encoder)
-            final_grid = self.validate()
-            self.quarantine.write(self.output_dir / "bad_rows.jsonl")
-            resolved = TrainConfig(**{**self.config.to_dict(), "pretrained_model_name_or_path": self.base, "resume_from_checkpoint": None})
-            save_config(resolved, self.output_dir / "training_config.yaml")
-            write_text_to_image_card(self.output_dir, resolved, self.base, num_pairs=len(self.dataset), num_bad=len(self.quarantine.rows),
-                                     validation_image=final_grid.relative_to(self.output_dir).as_posix() if final_grid else None)
-            print(f"Adapter saved to {self.output_dir.resolve()} ({len(self.quarantine.rows)} bad rows listed in bad_rows.jsonl)")
-        return self.output_dir
+    def _save_adapter_weights(self) -> None:
+        unet = self.accelerator.unwrap_model(self.unet)
+        text_encoder = self.accelerator.unwrap_model(self.text_encoder) if self.config.train_text_encoder else None
+        save_lora_adapter(self.output_dir, unet, text_encoder)
+
+    def _write_model_card(self, resolved: TrainConfig, validation: Path | None) -> None:
+        write_text_to_image_card(self.output_dir, resolved, self.base, num_pairs=len(self.dataset), num_bad=len(self.quarantine.rows),
+                                 validation_image=validation.relative_to(self.output_dir).as_posix() if validation else None)

@@ -224,12 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults < `--config FILE` < flags."""
-    flags = vars(build_parser().parse_args(argv))
-    values = load_yaml(flags.pop("config")) if "config" in flags else {}
-    values.update(flags)
-    return TrainConfig(**values)
+def parse_train_config(argv: list[str] | None = None, exit_on_error: bool = True) -> TrainConfig:
+    """Defaults < `--config FILE` < flags. A bad config ends the program with a one-line error (or raises ConfigError)."""
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+    try:
+        values = load_yaml(flags.pop("config")) if "config" in flags else {}
+        values.update(flags)
+        return TrainConfig(**values)
+    except ConfigError as err:
+        if not exit_on_error:
+            raise
+        parser.error(str(err))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

@@ -27,7 +27,7 @@ def test_boolean_flags_have_negations():
 def test_unknown_key_names_the_key_a_suggestion_and_the_accepted_keys(tmp_path):
     config_file = write_yaml(tmp_path / "bad.yaml", {"learning_rte": 1e-4})
     with pytest.raises(ConfigError) as err:
-        parse_train_config(["--config", config_file])
+        parse_train_config(["--config", config_file], exit_on_error=False)
     message = str(err.value)
     assert "bad.yaml" in message and "'learning_rte'" in message
     assert "Did you mean 'learning_rate'?" in message
@@ -42,7 +42,7 @@ def test_unknown_key_names_the_key_a_suggestion_and_the_accepted_keys(tmp_path):
 ])
 def test_wrong_type_or_choice_stops_before_work(tmp_path, values, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
-        parse_train_config(["--config", write_yaml(tmp_path / "c.yaml", values)])
+        parse_train_config(["--config", write_yaml(tmp_path / "c.yaml", values)], exit_on_error=False)
 
 
 def test_integers_are_accepted_for_floats(tmp_path):
@@ -66,3 +66,11 @@ def test_every_shipped_recipe_config_is_valid():
     for path in configs:
         assert path.read_text().startswith("# accelerate launch recipes/train_lora.py"), path  # opens with its command
         load_config(path)
+
+
+def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_config(["--config", write_yaml(tmp_path / "c.yaml", {"rank": "four"})])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "'rank' must be int" in err and "Traceback" not in err

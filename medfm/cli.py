@@ -212,7 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["train"]:
         return _train(argv[1:])
     args = build_parser().parse_args(argv)
-    args.run(args)
+    from .data.images import ImageReadError
+    from .data.pairs import BadRowError
+
+    try:
+        args.run(args)
+    except (FileNotFoundError, ImageReadError, BadRowError) as err:  # the user's input: say what, not where in medfm
+        raise SystemExit(f"medfm {args.command}: error: {err}") from err
 
 
 if __name__ == "__main__":

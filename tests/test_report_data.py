@@ -140,3 +140,10 @@ def test_dicom_studies_read_like_training_data(tmp_path):
     (item,) = ReportStudyDataset(load_studies(train_data_dir=str(tmp_path)), "findings")
     pixels = np.asarray(item["images"][0])
     assert pixels.shape == (30, 40, 3) and pixels[0, 0, 0] > pixels[0, -1, 0]  # MONOCHROME1 inverted
+
+
+def test_report_command_names_a_missing_adapter_in_one_line(tmp_path):
+    from medfm.cli import main as medfm
+
+    with pytest.raises(SystemExit, match=r"medfm report: error: .*none/training_config.yaml not found"):
+        medfm(["report", "--adapter", str(tmp_path / "none"), "--image", str(png(tmp_path / "a.png"))])

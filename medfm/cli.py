@@ -14,9 +14,12 @@ def _phantom(args) -> None:
 
 
 def _generate(args) -> None:
-    from .generate import generate_images
+    from .generate import generate_images, read_prompts
 
-    paths = generate_images(args.prompt, args.output_dir, adapter=args.adapter, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+    if bool(args.prompt) == bool(args.prompts):
+        raise SystemExit("medfm generate: give --prompt TEXT (repeatable) or --prompts FILE.jsonl|csv (one of them)")
+    paths = generate_images(args.prompt or read_prompts(args.prompts), args.output_dir, adapter=args.adapter,
+                            pretrained_model_name_or_path=args.pretrained_model_name_or_path,
                             num_images=args.num_images, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                             negative_prompt=args.negative_prompt, seed=args.seed)
     print(f"Wrote {len(paths)} images to {args.output_dir}")
@@ -139,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="Generate radiographs from prompts with a text-to-image adapter.")
     generate.add_argument("--adapter", help="Adapter folder written by training.")
     generate.add_argument("--pretrained_model_name_or_path", help="Base model (default: the one in the adapter's training_config.yaml).")
-    generate.add_argument("--prompt", action="append", required=True, help="Report text; repeat for several prompts.")
+    generate.add_argument("--prompt", action="append", help="Report text; repeat for several prompts.")
+    generate.add_argument("--prompts", help="A .jsonl/.csv of prompts (`text` or `prompt` column; other columns such as labels are kept).")
     generate.add_argument("--negative_prompt")
     generate.add_argument("--num_images", type=int, default=1, help="Images per prompt.")
     generate.add_argument("--num_inference_steps", type=int, default=25)

@@ -12,6 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 from transformers import AutoProcessor
 
+from .data.pairs import read_table
 from .data.report_batches import encode_prompts
 from .lora import LORA_WEIGHTS_NAME
 from .models.diffusion import load_pipeline, resolve_base
@@ -32,13 +33,18 @@ def base_of_adapter(adapter: str | Path) -> str:
     return adapter_training_config(adapter)["pretrained_model_name_or_path"]
 
 
-def load_text_to_image_pipeline(adapter: str | None = None, pretrained_model_name_or_path: str | None = None, device: str | None = None):
-    """The base pipeline (read from the adapter unless given) with the adapter's LoRA loaded, on `device`."""
+def text_to_image_base(adapter: str | None, pretrained_model_name_or_path: str | None) -> str:
+    """The base to load: given, else the one the adapter was trained on (built-ins resolved to their folder)."""
     if pretrained_model_name_or_path is None:
         if adapter is None:
             raise ValueError("Give --adapter or --pretrained_model_name_or_path")
         pretrained_model_name_or_path = base_of_adapter(adapter)
-    base = resolve_base(pretrained_model_name_or_path)
+    return resolve_base(pretrained_model_name_or_path)
+
+
+def load_text_to_image_pipeline(adapter: str | None = None, pretrained_model_name_or_path: str | None = None, device: str | None = None):
+    """The base pipeline (read from the adapter unless given) with the adapter's LoRA loaded, on `device`."""
+    base = text_to_image_base(adapter, pretrained_model_name_or_path)
     pipe = load_pipeline(base)
     if adapter is not None:
         pipe.load_lora_weights(str(adapter), weight_name=LORA_WEIGHTS_NAME)
@@ -46,8 +52,20 @@ def load_text_to_image_pipeline(adapter: str | None = None, pretrained_model_nam
     return pipe, base
 
 
+def read_prompts(path: str | Path) -> list[dict]:
+    """Prompt rows from a .jsonl/.csv file with a `text` or `prompt` column; other columns (e.g. labels) are kept."""
+    rows = read_table(Path(path))
+    for i, row in enumerate(rows):
+        text = row.get("text") or row.get("prompt")
+        if not text:
+            raise ValueError(f"{path}: row {i + 1} has no `text` or `prompt`")
+        row["text"] = text
+        row.pop("prompt", None)
+    return rows
+
+
 def generate_images(
-    prompts: list[str],
+    prompts: list[str] | list[dict],
     output_dir: str | Path,
     adapter: str | None = None,
     pretrained_model_name_or_path: str | None = None,
@@ -59,31 +77,35 @@ def generate_images(
 ) -> list[Path]:
     """Write `num_images` PNGs per prompt plus metadata.jsonl (an imagefolder medfm can train or evaluate on).
 
+    Prompts are strings, or rows with a `text` key whose other keys (labels) go into the metadata.
     Each prompt is rendered as plain diffusers would: `pipe(prompt, num_images_per_prompt=num_images,
     generator=torch.Generator().manual_seed(seed))`, so the pixels match diffusers with the LoRA loaded.
+    Resumable: prompts whose images already exist are skipped.
     """
-    pipe, base = load_text_to_image_pipeline(adapter, pretrained_model_name_or_path)
-    pipe.set_progress_bar_config(disable=True)
+    rows = [{"text": p} if isinstance(p, str) else p for p in prompts]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths, rows = [], []
-    for p, prompt in enumerate(tqdm(prompts, desc="Generating", unit="prompt")):
-        images = pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images, num_inference_steps=num_inference_steps,
+    names = [[f"{p:04d}-{i:02d}.png" for i in range(num_images)] for p in range(len(rows))]
+    todo = [p for p in range(len(rows)) if not all((output_dir / name).is_file() for name in names[p])]
+    pipe = load_text_to_image_pipeline(adapter, pretrained_model_name_or_path)[0] if todo else None
+    if pipe is not None:
+        pipe.set_progress_bar_config(disable=True)
+    settings = {"negative_prompt": negative_prompt or "", "seed": seed, "num_images_per_prompt": num_images,
+                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "adapter": str(adapter or ""),
+                "base_model": text_to_image_base(adapter, pretrained_model_name_or_path), "synthetic": "true", "generator": "medfm"}
+    for p in tqdm(todo, desc="Generating", unit="prompt", initial=len(rows) - len(todo), total=len(rows)):
+        images = pipe(rows[p]["text"], negative_prompt=negative_prompt, num_images_per_prompt=num_images, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed)).images
         for i, image in enumerate(images):
-            provenance = {"prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed, "index_in_batch": i,
-                          "num_images_per_prompt": num_images, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                          "base_model": str(base), "adapter": str(adapter or ""), "synthetic": "true", "generator": "medfm"}
             info = PngInfo()
-            for key, value in provenance.items():
+            for key, value in {"prompt": rows[p]["text"], **settings, "index_in_batch": i}.items():
                 info.add_text(key, str(value))
-            path = output_dir / f"{p:04d}-{i:02d}.png"
-            image.save(path, pnginfo=info)
-            paths.append(path)
-            rows.append({"file_name": path.name, "text": prompt, **provenance})
+            image.save(output_dir / names[p][i], pnginfo=info)
     with open(output_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return paths
+        for p, row in enumerate(rows):
+            f.writelines(json.dumps({"file_name": name, **row, "prompt": row["text"], **settings, "index_in_batch": i}) + "\n"
+                         for i, name in enumerate(names[p]))
+    return [output_dir / name for group in names for name in group]
 
 
 def load_report_model(adapter: str | None = None, pretrained_model_name_or_path: str | None = None, device: str | None = None):

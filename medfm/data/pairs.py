@@ -73,7 +73,7 @@ class Quarantine:
             f.writelines(json.dumps(vars(row)) + "\n" for row in self.rows)
 
 
-def _read_table(path: Path) -> list[dict]:
+def read_table(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
@@ -100,7 +100,7 @@ def pairs_from_table(table: str | Path, image_column=None, caption_column=None, 
     A table with a `split` column is filtered to `split` when one is given.
     """
     table = Path(table)
-    rows = _read_table(table)
+    rows = read_table(table)
     if not rows:
         raise ValueError(f"{table}: table has no rows")
     columns = set().union(*(row.keys() for row in rows))

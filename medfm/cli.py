@@ -25,9 +25,6 @@ def _generate(args) -> None:
     print(f"Wrote {len(paths)} images to {args.output_dir}")
 
 
-RADIOGRAPH_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff"}
-
-
 def _report(args) -> None:
     import json
     from pathlib import Path
@@ -35,17 +32,14 @@ def _report(args) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from .data.images import read_radiograph
+    from .data.images import radiograph_files, read_radiograph
     from .data.report_batches import full_instruction
     from .data.studies import to_pil_rgb
     from .generate import adapter_training_config, generate_reports, load_report_model
 
     if bool(args.image) == bool(args.input_dir):
         raise SystemExit("medfm report: give --image FILE [FILE ...] or --input_dir DIR (one of them)")
-    files = [Path(f) for f in args.image] if args.image else sorted(
-        p for p in Path(args.input_dir).rglob("*") if p.suffix.lower() in RADIOGRAPH_SUFFIXES)
-    if not files:
-        raise SystemExit(f"medfm report: no radiographs ({', '.join(sorted(RADIOGRAPH_SUFFIXES))}) in {args.input_dir}")
+    files = [Path(f) for f in args.image] if args.image else radiograph_files(args.input_dir, recursive=True)
     instruction = args.instruction or (adapter_training_config(args.adapter)["instruction"] if args.adapter else None)
     if instruction is None:
         raise SystemExit("medfm report: give --instruction when no --adapter is used")

@@ -75,3 +75,16 @@ def test_model_input_is_3_channel_square_in_minus_one_to_one():
     assert tensor.min() >= -1 and tensor.max() <= 1
     assert (tensor[0] == tensor[2]).all()
     assert tensor[0, 0, 0] < tensor[0, 0, -1]  # left stays left: no flip
+
+
+def test_radiograph_files_lists_supported_suffixes_and_says_when_there_are_none(tmp_path):
+    from medfm.data.images import radiograph_files
+
+    (tmp_path / "sub").mkdir()
+    for name in ("b.PNG", "a.dcm", "notes.txt", "sub/c.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in radiograph_files(tmp_path)] == ["a.dcm", "b.PNG"]
+    assert [p.name for p in radiograph_files(tmp_path, recursive=True)] == ["a.dcm", "b.PNG", "c.jpg"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no radiographs"):
+        radiograph_files(tmp_path / "empty")

@@ -10,7 +10,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+RADIOGRAPH_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"} | DICOM_SUFFIXES
 
 
 class ImageReadError(ValueError):
@@ -86,9 +87,18 @@ def read_radiograph(source: str | Path | bytes, name: str | None = None) -> np.n
         data, name = source, name or "<bytes>"
     if not data:
         raise ImageReadError(f"{name}: file is empty")
-    if _is_dicom(data) or Path(name).suffix.lower() in (".dcm", ".dicom"):
+    if _is_dicom(data) or Path(name).suffix.lower() in DICOM_SUFFIXES:
         return read_dicom(data, name)
     return read_bitmap(data, name)
+
+
+def radiograph_files(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Radiograph files (PNG/JPEG/TIFF/DICOM by suffix) in `folder` (and below it when `recursive`), sorted."""
+    candidates = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
+    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in RADIOGRAPH_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no radiographs ({', '.join(sorted(RADIOGRAPH_SUFFIXES))}) found")
+    return files
 
 
 def to_rgb_tensor(array: np.ndarray, resolution: int) -> torch.Tensor:

@@ -27,25 +27,17 @@ from torchvision.transforms import v2
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from medfm.data.images import read_radiograph, to_rgb_tensor
+from ..data.images import radiograph_files, read_radiograph, to_rgb_tensor
+from ..data.pairs import read_table
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 INCEPTION_SIZE = (299, 299)
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, torchmetrics' default
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    """Radiograph files (png/jpg/jpeg/dcm) directly in `folder`, sorted by name."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no radiographs ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-    return files
 
 
 def to_uint8_rgb(array: np.ndarray, size: int) -> torch.Tensor:
@@ -58,9 +50,7 @@ def _folder_prompts(folder: Path, files: list[Path]) -> list[str] | None:
     metadata = folder / "metadata.jsonl"
     if not metadata.is_file():
         return None
-    with open(metadata, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    by_name = {row["file_name"]: row.get("text", row.get("prompt")) for row in rows if "file_name" in row}
+    by_name = {row["file_name"]: row.get("text", row.get("prompt")) for row in read_table(metadata) if "file_name" in row}
     prompts = [by_name.get(file.name) for file in files]
     if any(prompt is None for prompt in prompts):
         logger.warning("%s: metadata.jsonl lacks a text/prompt for some images; prompts ignored", metadata)
@@ -71,7 +61,7 @@ def _folder_prompts(folder: Path, files: list[Path]) -> list[str] | None:
 def load_image_folder(folder: str | Path, size: int) -> tuple[torch.Tensor, list[str] | None]:
     """Every radiograph in `folder` as uint8 (N, 3, size, size), and its prompts when metadata.jsonl has them."""
     folder = Path(folder)
-    files = image_files(folder)
+    files = radiograph_files(folder)
     images = torch.stack([to_uint8_rgb(read_radiograph(f), size) for f in tqdm(files, desc=f"Reading {folder.name}", unit="img")])
     return images, _folder_prompts(folder, files)
 

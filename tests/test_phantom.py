@@ -57,3 +57,40 @@ def test_cli_writes_an_imagefolder(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     assert all((tmp_path / r["file_name"]).is_file() and r["text"].startswith("FINDINGS:") for r in rows)
+
+
+def test_a_left_out_finding_is_never_drawn_nor_reported_and_the_rest_of_the_case_stays():
+    from medfm.eval.labeler import label_report
+
+    with_effusion = [s for s in range(80) if sample_case(s).effusion]
+    assert with_effusion
+    for seed in with_effusion:
+        full, reduced = sample_case(seed), sample_case(seed, left_out=("effusion",))
+        assert reduced.effusion is None and "effusion" not in reduced.hedged
+        assert (reduced.view, reduced.cardiomegaly, reduced.pneumothorax, reduced.consolidation, reduced.nodule, reduced.devices) == (
+            full.view, full.cardiomegaly, full.pneumothorax, full.consolidation, full.nodule, full.devices)
+        image, record = make_phantom(seed, 64, left_out=("effusion",))
+        assert record["Pleural Effusion"] == 0.0 and label_report(record["text"])["Pleural Effusion"] != 1.0
+        assert not np.array_equal(image, make_phantom(seed, 64)[0])
+
+
+def test_an_unknown_left_out_finding_is_an_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="pneumonia.*choose from"):
+        sample_case(0, left_out=("pneumonia",))
+
+
+def test_the_phantom_generator_is_pinned_to_its_version():
+    """The shipped bases were pretrained on PHANTOM_VERSION; if this fails, the generator changed: bump
+    PHANTOM_VERSION and re-run recipes/pretrain_tiny_bases.py, so old weights are never silently mixed with new phantoms."""
+    import hashlib
+
+    from medfm.data.phantom import PHANTOM_VERSION
+
+    digest = hashlib.sha256()
+    for seed in range(4):
+        image, record = make_phantom(seed, 64)
+        digest.update(np.round(image * 255).astype(np.uint8).tobytes())
+        digest.update(json.dumps(record, sort_keys=True).encode())
+    assert (PHANTOM_VERSION, digest.hexdigest()) == ("2", "ba3104301e1b268632bc44e0f2ffdf2e57fcce0550afcef511932944d5c89471")

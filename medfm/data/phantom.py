@@ -71,8 +71,15 @@ class PhantomCase:
         return not (self.cardiomegaly or self.effusion or self.pneumothorax or self.consolidation or self.nodule)
 
 
-def sample_case(seed: int) -> PhantomCase:
-    """Draw which findings a phantom has, deterministically from `seed`."""
+def sample_case(seed: int, left_out: tuple[str, ...] = ()) -> PhantomCase:
+    """Draw which findings a phantom has, deterministically from `seed`.
+
+    Findings named in `left_out` (keys of FINDING_RATES) are never drawn; everything else about the case is
+    unchanged, so the same seed gives the same patient with or without them.
+    """
+    unknown = set(left_out) - set(FINDING_RATES)
+    if unknown:
+        raise ValueError(f"Unknown phantom finding(s) {sorted(unknown)}; choose from {sorted(FINDING_RATES)}")
     rng = np.random.default_rng([seed, 0])
     case = PhantomCase(seed=seed, view=str(rng.choice(["PA", "AP"], p=[0.7, 0.3])))
     has = {name: rng.random() < rate for name, rate in FINDING_RATES.items()}
@@ -96,6 +103,9 @@ def sample_case(seed: int) -> PhantomCase:
         finding = getattr(case, name)
         if finding and finding.get("size", "small") == "small" and rng.random() < 0.3:
             case.hedged.add(name)
+    for name in left_out:  # removed after drawing, so the random stream (and the rest of the case) is unchanged
+        setattr(case, name, [] if name == "devices" else False if name == "cardiomegaly" else None)
+        case.hedged.discard(name)
     return case
 
 
@@ -380,9 +390,9 @@ def chexpert_labels(case: PhantomCase, pneumonia: float | None = None) -> dict[s
     return labels
 
 
-def make_phantom(seed: int, size: int = 256) -> tuple[np.ndarray, dict]:
+def make_phantom(seed: int, size: int = 256, left_out: tuple[str, ...] = ()) -> tuple[np.ndarray, dict]:
     """One phantom: the image and its record (report sections, full text, labels, view, seed)."""
-    case = sample_case(seed)
+    case = sample_case(seed, left_out)
     sections, pneumonia = write_report(case)
     record = {
         "text": f"FINDINGS: {sections['findings']} IMPRESSION: {sections['impression']}",
@@ -395,13 +405,13 @@ def make_phantom(seed: int, size: int = 256) -> tuple[np.ndarray, dict]:
     return render_phantom(case, size), record
 
 
-def write_phantom_dataset(output_dir: str | Path, num_images: int, seed: int = 0, size: int = 256) -> Path:
-    """Write `num_images` phantoms as an imagefolder dataset (PNG files + metadata.jsonl)."""
+def write_phantom_dataset(output_dir: str | Path, num_images: int, seed: int = 0, size: int = 256, left_out: tuple[str, ...] = ()) -> Path:
+    """Write `num_images` phantoms as an imagefolder dataset (PNG files + metadata.jsonl), without the `left_out` findings."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in tqdm(range(num_images), desc="Drawing phantoms", unit="img"):
-        image, record = make_phantom(seed * 1_000_003 + i, size)
+        image, record = make_phantom(seed * 1_000_003 + i, size, left_out)
         file_name = f"phantom_{i:05d}.png"
         Image.fromarray(np.round(image * 255).astype(np.uint8), mode="L").save(output_dir / file_name)
         rows.append({"file_name": file_name, **record})

@@ -11,35 +11,39 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..config import BUILTIN_TINY_SD
 from ..paths import build_once, medfm_home
+from .shipped import load_shipped_weights, shipped_fingerprint
 from .tokenizers import clip_tokenizer
 
-TINY_SD_VERSION = "1"
+TINY_SD_VERSION = "2"
 TINY_VOCAB_MERGES = 8000
+SHIPPED_TINY_SD = "tiny-sd"
 
 
 def build_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline of under 2M parameters, built from configs (random weights, fixed by seed).
+    """A Stable Diffusion pipeline of about 6.5M parameters, built from configs (random weights, fixed by seed).
 
-    Same classes as SD 1.x; `prediction_type="v_prediction"` with linear-projection attention is the SD 2.x shape.
+    Same classes as SD 1.x at 128 px (VAE factor 8, 16x16 latents, cross-attention at 8x8 and 4x4);
+    `prediction_type="v_prediction"` with linear-projection attention is the SD 2.x shape.
     """
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(num_merges=TINY_VOCAB_MERGES)
     sd2 = prediction_type == "v_prediction"
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length, projection_dim=64, hidden_act="gelu" if sd2 else "quick_gelu",
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length, projection_dim=128, hidden_act="gelu" if sd2 else "quick_gelu",
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=128,
     )
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=(4, 8) if sd2 else 8, use_linear_projection=sd2, norm_num_groups=8,
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=(4, 4, 8) if sd2 else 8, use_linear_projection=sd2, norm_num_groups=16,
     )
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type=prediction_type)
     scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, **schedule)
@@ -49,12 +53,25 @@ def build_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> S
     )
 
 
+def pretrained_modules(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """The modules whose weights pretraining learns and `medfm/bases/tiny-sd.safetensors` ships."""
+    return {"vae": pipe.vae, "text_encoder": pipe.text_encoder, "unet": pipe.unet}
+
+
+def build_pretrained_tiny_sd() -> StableDiffusionPipeline:
+    """The built-in base: the tiny architecture with the shipped weights pretrained on phantoms."""
+    pipe = build_tiny_sd_pipeline()
+    metadata = load_shipped_weights(pretrained_modules(pipe), SHIPPED_TINY_SD, TINY_SD_VERSION)
+    pipe.vae.register_to_config(scaling_factor=float(metadata["vae_scaling_factor"]))
+    return pipe
+
+
 def materialize_builtin_base(name: str = BUILTIN_TINY_SD) -> Path:
     """Write the built-in base once as a normal diffusers folder under medfm_home() and return its path."""
     if name != BUILTIN_TINY_SD:
         raise ValueError(f"Unknown built-in base {name!r}; the built-in is {BUILTIN_TINY_SD!r}")
-    target = medfm_home() / "bases" / f"tiny-sd-v{TINY_SD_VERSION}"
-    return build_once(target, "model_index.json", lambda folder: build_tiny_sd_pipeline().save_pretrained(folder))
+    target = medfm_home() / "bases" / f"tiny-sd-v{TINY_SD_VERSION}-{shipped_fingerprint(SHIPPED_TINY_SD)}"
+    return build_once(target, "model_index.json", lambda folder: build_pretrained_tiny_sd().save_pretrained(folder))
 
 
 def resolve_base(name_or_path: str) -> str:

@@ -41,9 +41,11 @@ from transformers import (
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 
 from ..paths import build_once, medfm_home
+from .shipped import load_shipped_weights, shipped_fingerprint
 from .tokenizers import CLIP_BPE_FILE, bytes_to_unicode
 
-TINY_VLM_VERSION = "1"
+TINY_VLM_VERSION = "2"
+SHIPPED_TINY_VLM = "tiny-llava"  # the built-in VLM with pretrained weights; the other families are random, for tests
 _TINY_VOCAB_MERGES = 4000
 _TINY_IMAGE_SIZE, _TINY_PATCH_SIZE = 64, 8  # 64 px: big enough to show the phantoms' findings
 _TINY_PATCHES = (_TINY_IMAGE_SIZE // _TINY_PATCH_SIZE) ** 2
@@ -138,19 +140,15 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:
 
 
 def _decoder_config(config_class, tokenizer: PreTrainedTokenizerFast, **kwargs):
-    """A 2-layer, 64-wide decoder whose vocab covers the tokenizer with its added tokens."""
-    return config_class(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, **_special_ids(tokenizer), **kwargs,
-    )
+    """A decoder (2 layers, 64 wide unless `kwargs` say otherwise) whose vocab covers the tokenizer with its added tokens."""
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return config_class(vocab_size=len(tokenizer), max_position_embeddings=1024, **_special_ids(tokenizer), **{**sizes, **kwargs})
 
 
 def _vit_config(config_class, **kwargs):
-    """A 2-layer, 32-wide ViT on 32 px images in 8 px patches."""
-    return config_class(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=_TINY_IMAGE_SIZE, patch_size=_TINY_PATCH_SIZE, **kwargs,
-    )
+    """A ViT (2 layers, 32 wide unless `kwargs` say otherwise) on 64 px images in 8 px patches."""
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return config_class(image_size=_TINY_IMAGE_SIZE, patch_size=_TINY_PATCH_SIZE, **{**sizes, **kwargs})
 
 
 _LLAVA_CHAT_TEMPLATE = (
@@ -187,9 +185,10 @@ def _tiny_llava() -> tuple[LlavaConfig, LlavaProcessor]:
         image_processor, tokenizer, patch_size=_TINY_PATCH_SIZE, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=_LLAVA_CHAT_TEMPLATE,
     )
+    # Larger than the other tiny families: this one is pretrained on phantoms and shipped (medfm/bases/tiny-llava.safetensors).
     config = LlavaConfig(
-        vision_config=_vit_config(CLIPVisionConfig, projection_dim=32),
-        text_config=_decoder_config(LlamaConfig, tokenizer),
+        vision_config=_vit_config(CLIPVisionConfig, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+        text_config=_decoder_config(LlamaConfig, tokenizer, hidden_size=128, intermediate_size=384, num_hidden_layers=4),
         image_token_index=processor.image_token_id, image_seq_length=_TINY_PATCHES,
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
@@ -280,12 +279,18 @@ def materialize_builtin_vlm(name: str) -> Path:
     if name not in BUILTIN_TINY_VLMS:
         raise ValueError(f"Unknown built-in VLM {name!r}; the built-ins are {', '.join(BUILTIN_TINY_VLMS)}")
 
+    short_name = name.removeprefix("builtin:")
+    pretrained = short_name == SHIPPED_TINY_VLM
+
     def build(folder: Path) -> None:
         model, processor = build_tiny_vlm(BUILTIN_TINY_VLMS[name])
+        if pretrained:
+            load_shipped_weights({"model": model}, SHIPPED_TINY_VLM, TINY_VLM_VERSION)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
 
-    target = medfm_home() / "bases" / f"{name.removeprefix('builtin:')}-v{TINY_VLM_VERSION}"
+    suffix = f"-{shipped_fingerprint(SHIPPED_TINY_VLM)}" if pretrained else ""
+    target = medfm_home() / "bases" / f"{short_name}-v{TINY_VLM_VERSION}{suffix}"
     return build_once(target, "config.json", build)
 
 

@@ -166,7 +166,7 @@ def _card_data(config: TrainConfig, base: str, library: str, pipeline_tag: str, 
     return ModelCardData(
         base_model=base if _is_hub_id(base) else None, library_name=library, pipeline_tag=pipeline_tag, license=config.license, tags=tags,
         datasets=[config.dataset_name] if config.dataset_name and _is_hub_id(config.dataset_name) else None,
-        model_name=name, eval_results=_model_index(results, pipeline_tag) or None,
+        model_name=name if results else None, eval_results=_model_index(results, pipeline_tag) or None,
     )
 
 
@@ -312,7 +312,7 @@ def _memorization_text(results: dict) -> str:
 def _model_index(results: dict, task_type: str) -> list[EvalResult]:
     """Hub `model-index` entries for the recorded metrics (shown on the model page)."""
     return [EvalResult(task_type=task_type, dataset_type=kind, dataset_name=str(entry["data"]), metric_type=row["metric"],
-                       metric_value=row["value"], source_name="medfm eval")
+                       metric_value=row["value"])
             for kind, entry in results.items() for row in entry["summary"]]
 
 
@@ -329,8 +329,8 @@ def refresh_card_evaluation(folder: str | Path) -> ModelCard:
     results = read_eval_results(folder)
     text = _replace_marked(path.read_text(encoding="utf-8"), EVALUATION_START, EVALUATION_END, _evaluation_section(results))
     card = ModelCard(_replace_marked(text, MEMORIZATION_START, MEMORIZATION_END, _memorization_text(results)))
-    card.data.model_name = card.data.model_name or Path(folder).resolve().name
     card.data.eval_results = _model_index(results, card.data.pipeline_tag or "text-to-image") or None
+    card.data.model_name = (card.data.model_name or Path(folder).resolve().name) if results else None  # model-index needs a name
     card.save(path)
     return card
 

@@ -63,7 +63,7 @@ def test_kohya_export_loads_through_diffusers_kohya_converter_with_identical_ima
 
 
 def test_kohya_export_of_a_report_adapter_is_refused(report_adapter):
-    with pytest.raises(SystemExit, match="report \\(PEFT\\) adapter; kohya export is for text-to-image"):
+    with pytest.raises(ValueError, match="report \\(PEFT\\) adapter; kohya export is for text-to-image"):
         medfm(["export", str(report_adapter), "--format", "kohya"])
 
 

@@ -46,7 +46,7 @@ def test_train_with_push_to_hub_then_generate_from_the_hub_id_gives_identical_im
            "--validation_inference_steps", "2", "--report_to", "tensorboard", "--dataset_description", "Phantoms made for this test.",
            "--push_to_hub", "--hub_model_id", "cxr-lora"])
     printed = capsys.readouterr()
-    repo = hub.repos[f"{'medfm-user'}/cxr-lora"]  # a bare name lands in the token owner's namespace, as on the Hub
+    repo = hub.repos["medfm-user/cxr-lora"]  # a bare name lands in the token owner's namespace, as on the Hub
     assert f"Pushed to {hub.endpoint}/medfm-user/cxr-lora" in printed.out
     assert {"pytorch_lora_weights.safetensors", "README.md", "training_config.yaml", "bad_rows.jsonl"} <= set(repo.files)
     assert "pytorch_lora_weights.safetensors" in repo.lfs and not any(p.startswith("checkpoint-") for p in repo.files)

@@ -61,7 +61,7 @@ def test_text_to_image_card_is_complete_and_its_snippet_runs(text_to_image_folde
 
     result = run_snippet(python_block(text), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert Image.open(tmp_path / "radiograph.png").size == (128, 128)
+    assert Image.open(tmp_path / "radiograph.png").mode == "RGB"
 
 
 @pytest.mark.slow

@@ -83,6 +83,7 @@ def _eval_reports(args) -> None:
     path = write_report_evaluation(result, ids, references, predictions, args.output_dir)
     print(format_metrics(result))
     print(f"Wrote {path} and per_report.jsonl")
+    _record(args, "reports", result, args.references)
 
 
 def _eval_utility(args) -> None:
@@ -95,6 +96,7 @@ def _eval_utility(args) -> None:
     print(json.dumps(result["conditioning_accuracy"], indent=1))
     print(f"mean AUC on held-out real: real only {mean_auc(result['auc_real'])}, real + synthetic {mean_auc(result['auc_real_plus_synthetic'])}")
     print(f"Wrote {path}")
+    _record(args, "utility", result, args.real)
 
 
 def _eval_images(args) -> None:
@@ -106,6 +108,33 @@ def _eval_images(args) -> None:
                                      training_dir=args.training_dir, clip_model=args.clip_model)
     print(json.dumps(metrics, indent=1, default=str)[:4000])
     print(f"Wrote {args.output_dir}/metrics.json and {args.output_dir}/index.html")
+    _record(args, "images", metrics, args.real)
+
+
+def _record(args, kind: str, metrics: dict, data: str) -> None:
+    """With --adapter, keep the result in the adapter folder (eval_results.json) and its model card."""
+    if args.adapter:
+        from .hub import record_evaluation
+
+        print(f"Recorded in {record_evaluation(args.adapter, kind, metrics, data)} and {args.adapter}/README.md")
+
+
+def _push(args) -> None:
+    from .hub import push_adapter
+
+    print(f"Pushed {args.adapter_dir} to {push_adapter(args.adapter_dir, args.repo_id, args.private, args.commit_message)}")
+
+
+def _export(args) -> None:
+    from .interop import export_kohya
+
+    print(f"Wrote {export_kohya(args.adapter_dir, args.output)} (kohya-ss / A1111 / ComfyUI LoRA)")
+
+
+def _merge(args) -> None:
+    from .interop import merge_adapter
+
+    print(f"Wrote the merged model to {merge_adapter(args.adapter_dir, args.output_dir, args.pretrained_model_name_or_path)}")
 
 
 def _train(argv: list[str]) -> None:
@@ -134,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.set_defaults(run=_phantom)
 
     generate = commands.add_parser("generate", help="Generate radiographs from prompts with a text-to-image adapter.")
-    generate.add_argument("--adapter", help="Adapter folder written by training.")
+    generate.add_argument("--adapter", help="Adapter written by training: a folder or a Hub id (user/name).")
     generate.add_argument("--pretrained_model_name_or_path", help="Base model (default: the one in the adapter's training_config.yaml).")
     generate.add_argument("--prompt", action="append", help="Report text; repeat for several prompts.")
     generate.add_argument("--prompts", help="A .jsonl/.csv of prompts (`text` or `prompt` column; other columns such as labels are kept).")
@@ -147,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=_generate)
 
     report = commands.add_parser("report", help="Write radiology reports for radiographs (PNG/JPEG/DICOM) with a report adapter.")
-    report.add_argument("--adapter", help="Adapter folder written by report training.")
+    report.add_argument("--adapter", help="Adapter written by report training: a folder or a Hub id (user/name).")
     report.add_argument("--pretrained_model_name_or_path", help="Base model (default: the one in the adapter's training_config.yaml).")
     report.add_argument("--image", nargs="+", help="Radiograph files; each gets its own report unless --as_study.")
     report.add_argument("--input_dir", help="Write a report for every radiograph under this folder.")
@@ -178,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_argument("--uncertain", choices=["negative", "positive"], default="negative", help="How uncertain labels count in F1.")
     reports.add_argument("--seed", type=int, default=0)
     reports.add_argument("--bertscore_model", help="Local model folder for BERTScore (e.g. roberta-large saved with save_pretrained).")
+    reports.add_argument("--adapter", help="Adapter folder that wrote the predictions: the result goes into its eval_results.json and model card.")
     reports.set_defaults(run=_eval_reports)
 
     images = targets.add_parser("images", help="FID/KID, MS-SSIM diversity, CLIP score and a memorization audit, with an HTML report.")
@@ -189,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="inception (standard FID InceptionV3) or an open_clip spec, e.g. hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224.")
     images.add_argument("--training_dir", help="Training images for the memorization audit.")
     images.add_argument("--clip_model", help="open_clip spec for the image-text CLIP score.")
+    images.add_argument("--adapter", help="Adapter folder that generated the images: the result goes into its eval_results.json and model card.")
     images.set_defaults(run=_eval_images)
 
     from .eval.utility import DEFAULT_LABELS
@@ -201,7 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     utility.add_argument("--resolution", type=int, default=64)
     utility.add_argument("--epochs", type=int, default=8)
     utility.add_argument("--seed", type=int, default=0)
+    utility.add_argument("--adapter", help="Adapter folder that generated the images: the result goes into its eval_results.json and model card.")
     utility.set_defaults(run=_eval_utility)
+
+    push = commands.add_parser("push", help="Upload an adapter folder to a Hub model repo (token from HF_TOKEN or `hf auth login`).")
+    push.add_argument("adapter_dir")
+    push.add_argument("--repo_id", required=True, help="user/name (created if needed).")
+    push.add_argument("--private", action="store_true", help="Create the repo as private.")
+    push.add_argument("--commit_message", default="Upload medfm LoRA adapter")
+    push.set_defaults(run=_push)
+
+    export = commands.add_parser("export", help="Write a text-to-image adapter in another tool's format.")
+    export.add_argument("adapter_dir")
+    export.add_argument("--format", choices=["kohya"], required=True, help="kohya: one safetensors file for kohya-ss, A1111 and ComfyUI.")
+    export.add_argument("--output", help="File to write (default: ADAPTER_DIR/NAME-kohya.safetensors).")
+    export.set_defaults(run=_export)
+
+    merge = commands.add_parser("merge", help="Write the base with the LoRA fused in (diffusers pipeline or transformers model folder).")
+    merge.add_argument("adapter_dir", help="Adapter folder or Hub id.")
+    merge.add_argument("--output_dir", required=True)
+    merge.add_argument("--pretrained_model_name_or_path", help="Base model (default: the one in the adapter's training_config.yaml).")
+    merge.set_defaults(run=_merge)
     return parser
 
 
@@ -215,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.run(args)
-    except (FileNotFoundError, ImageReadError, BadRowError) as err:  # the user's input: say what, not where in medfm
+    except (FileNotFoundError, PermissionError, ImageReadError, BadRowError) as err:  # the user's input: say what, not where in medfm
         raise SystemExit(f"medfm {args.command}: error: {err}") from err
 
 

@@ -123,6 +123,11 @@ class TrainConfig:
     report_to: str = _opt("tensorboard", "Experiment tracker.", ["tensorboard", "wandb", "all", "none"])
     logging_dir: str = _opt("logs", "Tracker folder, relative to --output_dir.")
     license: str = _opt("other", "License in the model card (use the base model's, e.g. creativeml-openrail-m).")
+    dataset_description: str | None = _opt(None, "What the training data is (source, version, split, filtering), written into the model card.")
+    # Hub (the token comes from HF_TOKEN or `hf auth login`, never from a flag or config key)
+    push_to_hub: bool = _opt(False, "Push the final adapter (not checkpoints) to the Hub when training ends.")
+    hub_model_id: str | None = _opt(None, "Hub repo for --push_to_hub, user/name (default: the --output_dir name in your namespace).")
+    hub_private: bool = _opt(False, "Create the Hub repo as private.")
 
     def __post_init__(self):
         for key, default in TASK_DEFAULTS.get(self.task, {}).items():

@@ -14,14 +14,15 @@ from transformers import AutoProcessor
 
 from .data.pairs import read_table
 from .data.report_batches import encode_prompts
+from .hub import resolve_adapter
 from .lora import LORA_WEIGHTS_NAME
 from .models.diffusion import load_pipeline, resolve_base
 from .models.vlm import load_vlm, resolve_vlm
 
 
 def adapter_training_config(adapter: str | Path) -> dict:
-    """The training_config.yaml an adapter folder was written with."""
-    config_file = Path(adapter) / "training_config.yaml"
+    """The training_config.yaml an adapter (folder or Hub id) was written with."""
+    config_file = resolve_adapter(adapter) / "training_config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: pass --pretrained_model_name_or_path to name the base model")
     with open(config_file, encoding="utf-8") as f:
@@ -29,7 +30,7 @@ def adapter_training_config(adapter: str | Path) -> dict:
 
 
 def base_of_adapter(adapter: str | Path) -> str:
-    """The base model an adapter folder was trained on."""
+    """The base model an adapter (folder or Hub id) was trained on."""
     return adapter_training_config(adapter)["pretrained_model_name_or_path"]
 
 
@@ -47,7 +48,7 @@ def load_text_to_image_pipeline(adapter: str | None = None, pretrained_model_nam
     base = text_to_image_base(adapter, pretrained_model_name_or_path)
     pipe = load_pipeline(base)
     if adapter is not None:
-        pipe.load_lora_weights(str(adapter), weight_name=LORA_WEIGHTS_NAME)
+        pipe.load_lora_weights(str(resolve_adapter(adapter)), weight_name=LORA_WEIGHTS_NAME)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return pipe, base
 
@@ -109,13 +110,14 @@ def generate_images(
 
 
 def load_report_model(adapter: str | None = None, pretrained_model_name_or_path: str | None = None, device: str | None = None):
-    """(model with the adapter loaded, processor, family): the processor saved with the adapter wins over the base's."""
+    """(model with the adapter (folder or Hub id) loaded, processor, family): the processor saved with the adapter wins over the base's."""
     base = pretrained_model_name_or_path or base_of_adapter(adapter)
     model, processor, family = load_vlm(resolve_vlm(base))
     if adapter is not None:
-        if (Path(adapter) / "processor_config.json").is_file() or (Path(adapter) / "preprocessor_config.json").is_file():
+        adapter = resolve_adapter(adapter)
+        if (adapter / "processor_config.json").is_file() or (adapter / "preprocessor_config.json").is_file():
             processor = AutoProcessor.from_pretrained(adapter)
-        model = PeftModel.from_pretrained(model, adapter)
+        model = PeftModel.from_pretrained(model, str(adapter))
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return model, processor, family
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig, save_config
 from ..data.pairs import BadRow, Quarantine
+from ..hub import EVAL_RESULTS_NAME, create_hub_repo, push_adapter
 from ..lora import lora_parameters
 from .checkpoints import TrainingProgress, find_checkpoint, prune_checkpoints
 
@@ -39,6 +40,7 @@ class LoRARecipe:
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         self._setup_accelerator()
+        self._setup_hub()
         self._setup_models()
         self._setup_data()
         self._setup_optimizer()
@@ -67,6 +69,13 @@ class LoRARecipe:
         # so a resumed run continues exactly where it stopped.
         self.generator = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+
+    def _setup_hub(self) -> None:
+        """With --push_to_hub, create the repo now so a missing token or a bad name stops the run before training, not after."""
+        cfg = self.config
+        if cfg.push_to_hub and self.accelerator.is_main_process:
+            cfg.hub_model_id = create_hub_repo(cfg.hub_model_id or self.output_dir.resolve().name, cfg.hub_private)
+            logger.info(f"The adapter will be pushed to {cfg.hub_model_id}")
 
     def _setup_models(self) -> None:
         raise NotImplementedError
@@ -230,8 +239,11 @@ class LoRARecipe:
             self.quarantine.write(self.output_dir / "bad_rows.jsonl")
             resolved = TrainConfig(**{**self.config.to_dict(), "pretrained_model_name_or_path": self.base, "resume_from_checkpoint": None})
             save_config(resolved, self.output_dir / "training_config.yaml")
+            (self.output_dir / EVAL_RESULTS_NAME).unlink(missing_ok=True)  # evaluations of an earlier adapter in this folder no longer apply
             self._write_model_card(resolved, validation)
             print(f"Adapter saved to {self.output_dir.resolve()} ({len(self.quarantine.rows)} bad rows listed in bad_rows.jsonl)")
+            if self.config.push_to_hub:
+                print(f"Pushed to {push_adapter(self.output_dir, self.config.hub_model_id, self.config.hub_private)}")
         return self.output_dir
 
     def _save_adapter_weights(self) -> None:

@@ -1,0 +1,120 @@
+"""Adapters in other tools' formats: a kohya/A1111/ComfyUI LoRA file, and the base with the LoRA merged in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .lora import LORA_WEIGHTS_NAME
+
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+def adapter_kind(folder: str | Path) -> str:
+    """'text-to-image' (diffusers LoRA file) or 'report' (PEFT adapter) for an adapter folder."""
+    folder = Path(folder)
+    if (folder / LORA_WEIGHTS_NAME).is_file():
+        return "text-to-image"
+    if (folder / PEFT_CONFIG_NAME).is_file():
+        return "report"
+    raise FileNotFoundError(f"{folder} holds neither {LORA_WEIGHTS_NAME} (text-to-image) nor {PEFT_CONFIG_NAME} (report): not a medfm adapter folder")
+
+
+def _lora_metadata(weights_file: Path) -> dict:
+    """The per-component LoRA configs (rank, alpha, patterns) diffusers stores in the safetensors header."""
+    with safe_open(str(weights_file), "pt") as f:
+        text = (f.metadata() or {}).get("lora_adapter_metadata")
+    if text is None:
+        raise ValueError(f"{weights_file} has no LoRA metadata (lora_alpha, r): re-save it with medfm or diffusers >= 0.32")
+    return json.loads(text)
+
+
+def _kohya_name(component: str, module: str) -> str:
+    """kohya-ss names a LoRA after the module path with '.' -> '_' (text encoders under `text_model`, as CLIP had in transformers 4)."""
+    if component == "text_encoder" and not module.startswith("text_model."):
+        module = f"text_model.{module}"
+    return KOHYA_PREFIXES[component] + module.replace(".", "_")
+
+
+def _alpha(metadata: dict, component: str, module: str) -> float:
+    patterns = metadata.get(f"{component}.alpha_pattern") or {}
+    matches = [value for pattern, value in patterns.items() if module.endswith(pattern)]
+    if metadata.get(f"{component}.rank_pattern") or metadata.get(f"{component}.use_rslora") or metadata.get(f"{component}.use_dora"):
+        raise ValueError("kohya export supports plain LoRA with one rank per component (no rank_pattern, rsLoRA or DoRA)")
+    return float(matches[0] if matches else metadata[f"{component}.lora_alpha"])
+
+
+def _module_names(state_dict: dict) -> set[str]:
+    """Module paths of a diffusers-format SD LoRA state dict, normalised through diffusers' own UNet converter."""
+    unet = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")})
+    text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
+        {k.removeprefix("text_encoder.").removeprefix("text_model."): v for k, v in state_dict.items() if k.startswith("text_encoder.")}))
+    return {"unet." + k.rsplit(".lora_", 1)[0] for k in unet} | {"text_encoder." + k.rsplit(".lora_", 1)[0] for k in text}
+
+
+def export_kohya(adapter_dir: str | Path, output_file: str | Path | None = None) -> Path:
+    """Write the adapter as one kohya-ss safetensors file (`lora_unet_*`/`lora_te_*`, `.lora_down`/`.lora_up`/`.alpha`).
+
+    That is the key layout A1111, ComfyUI and kohya's sd-scripts load. The file is checked by reading it back
+    through diffusers' own kohya converter: a module the kohya naming cannot express stops the export by name.
+    """
+    adapter_dir = Path(adapter_dir)
+    if adapter_kind(adapter_dir) != "text-to-image":
+        raise ValueError(f"{adapter_dir} is a report (PEFT) adapter; kohya export is for text-to-image LoRA")
+    weights_file = adapter_dir / LORA_WEIGHTS_NAME
+    metadata = _lora_metadata(weights_file)
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(adapter_dir), weight_name=LORA_WEIGHTS_NAME)
+    kohya: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        component, rest = key.split(".", 1)
+        module, direction = _split_lora_key(rest)
+        name = _kohya_name(component, module)
+        kohya[f"{name}.lora_{direction}.weight"] = tensor.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(_alpha(metadata, component, module))
+    back, _ = StableDiffusionPipeline.lora_state_dict(dict(kohya))
+    lost = _module_names(state_dict) ^ _module_names(back)
+    if lost:
+        raise ValueError(f"{adapter_dir}: the kohya naming cannot express these LoRA modules: {sorted(lost)[:5]}")
+    output_file = Path(output_file or adapter_dir / f"{adapter_dir.resolve().name}-kohya.safetensors")
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(kohya, str(output_file), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(metadata["unet.r"]),
+                                                 "ss_network_alpha": str(metadata["unet.lora_alpha"]), "format": "pt"})
+    return output_file
+
+
+def _split_lora_key(key: str) -> tuple[str, str]:
+    """('down_blocks.0....to_q', 'down'|'up') from a diffusers LoRA key (`.lora.down.weight` or `.lora_linear_layer.up.weight`)."""
+    for marker, direction in ((".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
+                              (".lora_linear_layer.up.weight", "up"), (".lora_A.weight", "down"), (".lora_B.weight", "up")):
+        if key.endswith(marker):
+            return key[: -len(marker)], direction
+    raise ValueError(f"Unexpected LoRA key {key!r}")
+
+
+def merge_adapter(adapter: str | Path, output_dir: str | Path, pretrained_model_name_or_path: str | None = None) -> Path:
+    """Write the base with the LoRA fused in: a diffusers pipeline folder (text-to-image) or a transformers model folder (report).
+
+    `adapter` is a folder or a Hub id; the base is the one the adapter was trained on unless given.
+    """
+    from .generate import load_report_model, load_text_to_image_pipeline
+    from .hub import resolve_adapter
+
+    folder = resolve_adapter(adapter)
+    output_dir = Path(output_dir)
+    if adapter_kind(folder) == "text-to-image":
+        pipe, _ = load_text_to_image_pipeline(str(folder), pretrained_model_name_or_path, device="cpu")
+        pipe.fuse_lora(components=["unet", "text_encoder"])
+        pipe.unload_lora_weights()
+        pipe.save_pretrained(output_dir)
+    else:
+        model, processor, _ = load_report_model(str(folder), pretrained_model_name_or_path, device="cpu")
+        model.merge_and_unload().save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+    return output_dir

@@ -108,6 +108,12 @@ def _eval_images(args) -> None:
     print(f"Wrote {args.output_dir}/metrics.json and {args.output_dir}/index.html")
 
 
+def _demo(args) -> None:
+    from .demo import launch
+
+    launch(args.index, args.server_name, args.server_port)
+
+
 def _train(argv: list[str]) -> None:
     from .config import parse_train_config
     from .train import recipe_for
@@ -202,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     utility.add_argument("--epochs", type=int, default=8)
     utility.add_argument("--seed", type=int, default=0)
     utility.set_defaults(run=_eval_utility)
+
+    demo = commands.add_parser("demo", help="Start the Gradio demo (prompt → radiograph, radiograph → report) on the shipped adapters.")
+    demo.add_argument("--index", help="Adapter index YAML (default: $MEDFM_DEMO_INDEX, else the repository's adapters/index.yaml).")
+    demo.add_argument("--server_name", help="Address to bind (default: $GRADIO_SERVER_NAME, else 127.0.0.1: this machine only).")
+    demo.add_argument("--server_port", type=int, help="Port (default: $GRADIO_SERVER_PORT, else the first free one from 7860).")
+    demo.set_defaults(run=_demo)
     return parser
 
 

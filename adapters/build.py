@@ -2,7 +2,7 @@
 
     python adapters/build.py                         # both adapters (about 3 + 4 minutes on 2 CPU cores)
     python adapters/build.py phantom-report          # one of them
-    python adapters/build.py --max_train_steps 100   # a quick build (fewer steps than the recipe)
+    python adapters/build.py --max_train_steps 100   # flags after the names go to the recipe: a quicker, weaker build
 
 Each adapter is trained with the demo recipe in recipes/configs/ through `accelerate launch recipes/train_lora.py`,
 then trimmed to what the demo and a user need: the adapter weights, model card, training_config.yaml and the
@@ -11,7 +11,6 @@ last validation output (checkpoints, TensorBoard logs and an empty bad_rows.json
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -23,13 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"phantom-text-to-image": "recipes/configs/demo-text-to-image.yaml", "phantom-report": "recipes/configs/demo-report.yaml"}
 
 
-def train(name: str, max_train_steps: int | None = None) -> Path:
-    """Run the recipe for `name` into adapters/<name> (a fresh folder), for `max_train_steps` when given."""
+def train(name: str, recipe_flags: list[str]) -> Path:
+    """Run the recipe for `name` into adapters/<name> (a fresh folder), with extra recipe flags."""
     output_dir = REPO / "adapters" / name
     shutil.rmtree(output_dir, ignore_errors=True)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "recipes/train_lora.py", "--config", RECIPES[name], "--output_dir", f"adapters/{name}"]
-    if max_train_steps:
-        command += ["--max_train_steps", str(max_train_steps)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "recipes/train_lora.py", "--config", RECIPES[name],
+               "--output_dir", f"adapters/{name}", *recipe_flags]
     print("+", " ".join(command[2:]), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
     return output_dir
@@ -65,15 +63,16 @@ def trim(output_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"Adapters to rebuild: {', '.join(RECIPES)} (default: all).")
-    parser.add_argument("--max_train_steps", type=int, help="Train this many steps instead of the recipe's (a quick build).")
-    args = parser.parse_args(argv)
-    names = args.names or list(RECIPES)
+    """`build.py [NAME ...] [RECIPE FLAGS ...]`: adapter names first, then flags passed to every recipe run."""
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        raise SystemExit(__doc__)
+    split = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    names, recipe_flags = argv[:split] or list(RECIPES), argv[split:]
     if unknown := sorted(set(names) - set(RECIPES)):
-        parser.error(f"unknown adapter(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+        raise SystemExit(f"build.py: unknown adapter(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     for name in names:
-        output_dir = train(name, args.max_train_steps)
+        output_dir = train(name, recipe_flags)
         name_builtin_base(output_dir, RECIPES[name])
         trim(output_dir)
         size = sum(p.stat().st_size for p in output_dir.rglob("*") if p.is_file())

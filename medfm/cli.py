@@ -137,6 +137,12 @@ def _merge(args) -> None:
     print(f"Wrote the merged model to {merge_adapter(args.adapter_dir, args.output_dir, args.pretrained_model_name_or_path)}")
 
 
+def _demo(args) -> None:
+    from .demo import launch
+
+    launch(args.index, args.server_name, args.server_port)
+
+
 def _train(argv: list[str]) -> None:
     from .config import parse_train_config
     from .train import recipe_for
@@ -253,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output_dir", required=True)
     merge.add_argument("--pretrained_model_name_or_path", help="Base model (default: the one in the adapter's training_config.yaml).")
     merge.set_defaults(run=_merge)
+
+    demo = commands.add_parser("demo", help="Start the Gradio demo (prompt → radiograph, radiograph → report) on the shipped adapters.")
+    demo.add_argument("--index", help="Adapter index YAML (default: $MEDFM_DEMO_INDEX, else the repository's adapters/index.yaml).")
+    demo.add_argument("--server_name", help="Address to bind (default: $GRADIO_SERVER_NAME, else 127.0.0.1: this machine only).")
+    demo.add_argument("--server_port", type=int, help="Port (default: $GRADIO_SERVER_PORT, else the first free one from 7860).")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -75,21 +75,23 @@ def generate_images(
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
     seed: int = 0,
+    pipe=None,
 ) -> list[Path]:
     """Write `num_images` PNGs per prompt plus metadata.jsonl (an imagefolder medfm can train or evaluate on).
 
     Prompts are strings, or rows with a `text` key whose other keys (labels) go into the metadata.
     Each prompt is rendered as plain diffusers would: `pipe(prompt, num_images_per_prompt=num_images,
     generator=torch.Generator().manual_seed(seed))`, so the pixels match diffusers with the LoRA loaded.
-    Resumable: prompts whose images already exist are skipped.
+    Resumable: prompts whose images already exist are skipped. `pipe`: an already loaded pipeline matching
+    `adapter` and the base (e.g. one the demo keeps in memory) instead of loading one.
     """
     rows = [{"text": p} if isinstance(p, str) else p for p in prompts]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     names = [[f"{p:04d}-{i:02d}.png" for i in range(num_images)] for p in range(len(rows))]
     todo = [p for p in range(len(rows)) if not all((output_dir / name).is_file() for name in names[p])]
-    pipe = load_text_to_image_pipeline(adapter, pretrained_model_name_or_path)[0] if todo else None
-    if pipe is not None:
+    if pipe is None and todo:
+        pipe = load_text_to_image_pipeline(adapter, pretrained_model_name_or_path)[0]
         pipe.set_progress_bar_config(disable=True)
     settings = {"negative_prompt": negative_prompt or "", "seed": seed, "num_images_per_prompt": num_images,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "adapter": str(adapter or ""),

@@ -123,6 +123,13 @@ class TrainConfig:
     report_to: str = _opt("tensorboard", "Experiment tracker.", ["tensorboard", "wandb", "all", "none"])
     logging_dir: str = _opt("logs", "Tracker folder, relative to --output_dir.")
     license: str = _opt("other", "License in the model card (use the base model's, e.g. creativeml-openrail-m).")
+    # Speed and memory
+    cache_latents: bool | None = _opt(None, "text-to-image: encode each image with the frozen VAE once and cache its latent distribution on disk "
+                                            "(default: on).")
+    cache_text_embeddings: bool | None = _opt(None, "text-to-image: encode each report with the frozen text encoder once and cache it on disk "
+                                                    "(default: on unless --train_text_encoder).")
+    cache_dir: str | None = _opt(None, "Folder of cached encodings, shared by runs: keyed by content, preprocessing and encoder (default: $MEDFM_HOME/cache).")
+    torch_compile: bool = _opt(False, "Compile the trained model with torch.compile (inductor); pays off on long GPU runs.")
 
     def __post_init__(self):
         for key, default in TASK_DEFAULTS.get(self.task, {}).items():
@@ -137,6 +144,8 @@ class TrainConfig:
             problems.append("set max_train_steps or num_train_epochs")
         if sum(x is not None for x in (self.train_data_dir, self.train_data_file, self.dataset_name)) > 1:
             problems.append("give only one of train_data_dir, train_data_file, dataset_name")
+        if self.cache_text_embeddings and self.train_text_encoder:
+            problems.append("cache_text_embeddings cannot be used with train_text_encoder (the text encoder changes every step); drop one")
         if problems:
             raise ConfigError("Invalid config: " + "; ".join(problems))
 

@@ -128,6 +128,13 @@ class TrainConfig:
     push_to_hub: bool = _opt(False, "Push the final adapter (not checkpoints) to the Hub when training ends.")
     hub_model_id: str | None = _opt(None, "Hub repo for --push_to_hub, user/name (default: the --output_dir name in your namespace).")
     hub_private: bool = _opt(False, "Create the Hub repo as private.")
+    # Speed and memory
+    cache_latents: bool | None = _opt(None, "text-to-image: encode each image with the frozen VAE once and cache its latent distribution on disk "
+                                            "(default: on).")
+    cache_text_embeddings: bool | None = _opt(None, "text-to-image: encode each report with the frozen text encoder once and cache it on disk "
+                                                    "(default: on unless --train_text_encoder).")
+    cache_dir: str | None = _opt(None, "Folder of cached encodings, shared by runs: keyed by content, preprocessing and encoder (default: $MEDFM_HOME/cache).")
+    torch_compile: bool = _opt(False, "Compile the trained model with torch.compile (inductor); pays off on long GPU runs.")
 
     def __post_init__(self):
         for key, default in TASK_DEFAULTS.get(self.task, {}).items():
@@ -142,6 +149,8 @@ class TrainConfig:
             problems.append("set max_train_steps or num_train_epochs")
         if sum(x is not None for x in (self.train_data_dir, self.train_data_file, self.dataset_name)) > 1:
             problems.append("give only one of train_data_dir, train_data_file, dataset_name")
+        if self.cache_text_embeddings and self.train_text_encoder:
+            problems.append("cache_text_embeddings cannot be used with train_text_encoder (the text encoder changes every step); drop one")
         if problems:
             raise ConfigError("Invalid config: " + "; ".join(problems))
 

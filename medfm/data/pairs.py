@@ -236,13 +236,29 @@ class ImageReportDataset(Dataset):
     def tokenize(self, text: str) -> torch.Tensor:
         return self.tokenizer(text, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids[0]
 
+    def image(self, index: int) -> str | bytes:
+        """The row's image as given: a path or raw bytes."""
+        return self.rows[index][0].image
+
     def __getitem__(self, index: int) -> dict:
+        return self.item(index)
+
+    def bad_row(self, index: int, reason: str) -> BadRow:
+        pair = self.rows[index][0]
+        return BadRow(pair.row_id, _source(pair), reason)
+
+    def item(self, index: int, pixels: bool = True, input_ids: bool = True) -> dict:
+        """The example, with only the fields asked for (a cache may supply the others)."""
         pair, text = self.rows[index]
-        try:
-            pixels = to_rgb_tensor(read_radiograph(pair.image, name=_source(pair)), self.resolution)
-        except ImageReadError as err:  # found while training: skipped here, recorded by the training loop
-            return {"index": index, "bad_row": BadRow(pair.row_id, _source(pair), str(err))}
-        return {"index": index, "pixel_values": pixels, "input_ids": self.tokenize(text)}
+        example = {"index": index}
+        if pixels:
+            try:
+                example["pixel_values"] = to_rgb_tensor(read_radiograph(pair.image, name=_source(pair)), self.resolution)
+            except ImageReadError as err:  # found while training: skipped here, recorded by the training loop
+                return {"index": index, "bad_row": self.bad_row(index, str(err))}
+        if input_ids:
+            example["input_ids"] = self.tokenize(text)
+        return example
 
 
 def _source(pair: Pair) -> str:
@@ -254,9 +270,9 @@ def collate_pairs(examples: list[dict]) -> dict:
     good = [e for e in examples if "bad_row" not in e]
     batch = {"bad_rows": [e["bad_row"] for e in examples if "bad_row" in e], "num_examples": len(good),
              "index": torch.tensor([e["index"] for e in good], dtype=torch.long)}
-    if good:
-        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in good])
-        batch["input_ids"] = torch.stack([e["input_ids"] for e in good])
+    fields = [key for key in good[0] if key != "index"] if good else []  # pixels/token ids, or their cached encodings
+    for key in fields:
+        batch[key] = torch.stack([e[key] for e in good])
     return batch
 
 

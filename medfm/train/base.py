@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -65,9 +66,6 @@ class LoRARecipe:
             torch.set_num_threads(os.cpu_count() or 1)
             logger.info(f"Single CPU process: using {torch.get_num_threads()} threads")
         set_seed(cfg.seed)  # LoRA initialisation
-        # Every random draw of training (noise, timesteps, ...) comes from this generator,
-        # so a resumed run continues exactly where it stopped.
-        self.generator = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
     def _setup_hub(self) -> None:
@@ -109,6 +107,9 @@ class LoRARecipe:
 
     def _prepare(self) -> None:
         """Hand the trainable models, optimizer, data and schedule to accelerate (DDP wrapping, device placement)."""
+        if self.config.torch_compile:
+            for model in self.trainable_models():
+                model.compile()  # in place: state-dict keys, hooks and LoRA saving stay as they are
         *models, self.optimizer, self.train_dataloader, self.lr_scheduler = self.accelerator.prepare(
             *self.trainable_models(), self.optimizer, self.train_dataloader, self.lr_scheduler
         )
@@ -123,7 +124,7 @@ class LoRARecipe:
 
     def _setup_checkpointing(self) -> None:
         """Checkpoints hold only LoRA weights (not the frozen base), plus optimizer, scheduler, RNG and progress."""
-        self.progress = TrainingProgress(self.generator)
+        self.progress = TrainingProgress()
         self.accelerator.register_for_checkpointing(self.progress)
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
@@ -201,6 +202,12 @@ class LoRARecipe:
 
     def training_step(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def sample_generators(self, indices: torch.Tensor) -> list[torch.Generator]:
+        """One generator per example, seeded by (seed, step, example index): every random draw of training (noise,
+        timesteps, ...) is then the same however the batch is split over processes, and after a resume."""
+        seeds = [np.random.SeedSequence([self.config.seed, self.progress.global_step, int(i)]).generate_state(1, np.uint64)[0] for i in indices]
+        return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
     def validate(self):
         """Run validation once per step (the final step's result is reused by save_adapter)."""

@@ -5,25 +5,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 
 class TrainingProgress:
-    """Step, epoch, position inside the epoch and the noise generator: saved with every checkpoint."""
+    """Step, epoch and position inside the epoch: saved with every checkpoint (random draws are seeded from the step)."""
 
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
+    def __init__(self):
         self.global_step = 0
         self.epoch = 0
         self.batches_in_epoch = 0
 
     def state_dict(self) -> dict:
-        return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "generator": self.generator.get_state()}
+        return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step, self.epoch, self.batches_in_epoch = state["global_step"], state["epoch"], state["batches_in_epoch"]
-        self.generator.set_state(state["generator"])
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

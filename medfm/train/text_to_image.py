@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
+from accelerate.utils import set_seed
 from diffusers.training_utils import cast_training_params, compute_snr
 from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from ..data.cache import LATENT_PREPROCESSING_VERSION, CachedDataset, EncodingCache, content_bytes, default_cache_dir, encoder_identity, fill_cache
 from ..data.pairs import ImageReportDataset, collate_pairs, load_pairs
 from ..hub import write_text_to_image_card
 from ..lora import attach_lora, load_lora_adapter, save_lora_adapter
@@ -39,10 +44,12 @@ class TextToImageLoRARecipe(LoRARecipe):
 
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
+        set_seed(cfg.seed)  # LoRA initialisation: building a built-in base above draws from the global generator
         attach_lora(self.unet, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
         if cfg.train_text_encoder:
             attach_lora(self.text_encoder, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.text_encoder_target_modules)
 
+        self.offloaded: list[torch.nn.Module] = []  # encoders moved off the accelerator once their outputs are cached
         device = self.accelerator.device
         for model in (self.vae, self.text_encoder, self.unet):
             model.to(device)
@@ -64,10 +71,69 @@ class TextToImageLoRARecipe(LoRARecipe):
         self.dataset = ImageReportDataset(pairs, self.resolution, self.tokenizer, cfg.report_section, self.quarantine, cfg.verify_images)
         logger.info(f"{len(self.dataset)} usable pairs of {len(pairs)}; {len(self.quarantine.rows)} skipped; "
                     f"{self.dataset.num_truncated} reports cut at a sentence boundary to fit {self.tokenizer.model_max_length} tokens")
+        workers = cfg.dataloader_num_workers
         self.train_dataloader = DataLoader(
-            self.dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate_pairs,
-            num_workers=cfg.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+            self._with_cached_encodings(self.dataset), batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate_pairs,
+            num_workers=workers, pin_memory=self.accelerator.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
         )
+
+    # ------------------------------------------------------------------------------------------------ caching
+    def _with_cached_encodings(self, dataset: ImageReportDataset) -> Dataset:
+        """The dataset with frozen encoders' outputs read from the on-disk cache (filled here when missing)."""
+        cfg = self.config
+        cache_latents = cfg.cache_latents is not False
+        cache_text = not cfg.train_text_encoder if cfg.cache_text_embeddings is None else cfg.cache_text_embeddings
+        if not (cache_latents or cache_text):
+            return dataset
+        root = cfg.cache_dir or default_cache_dir()
+        latents = self._cache_latents(dataset, root) if cache_latents else None
+        text = self._cache_text_embeddings(dataset, root) if cache_text else None
+        logger.info(f"Cached encodings in {root}: latents {'on' if latents else 'off'}, text embeddings {'on' if text else 'off'}")
+        self._offload(self.vae if latents else None, self.text_encoder if text else None)
+        return CachedDataset(dataset, latents, text)
+
+    def _cache_latents(self, dataset: ImageReportDataset, root) -> tuple[EncodingCache, list[str]]:
+        """VAE latent distributions (mean, std), not samples: each step still draws its own sample, as without the cache."""
+        settings = {"resolution": self.resolution, "crop": "center", "preprocessing": LATENT_PREPROCESSING_VERSION}
+        cache = EncodingCache(root, "vae-latents", encoder_identity(self.vae), settings)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # file reads release the GIL
+            contents = pool.map(lambda i: content_bytes(dataset.image(i)), range(len(dataset)))
+            keys = [cache.key(c) for c in tqdm(contents, total=len(dataset), desc="Hashing images", unit="image",
+                                               disable=not self.accelerator.is_local_main_process)]
+
+        @torch.no_grad()
+        def encode(indices):
+            examples = [dataset.item(i, input_ids=False) for i in indices]
+            good = [e["pixel_values"] for e in examples if "pixel_values" in e]
+            if not good:
+                return [None] * len(examples)
+            dist = self.vae.encode(torch.stack(good).to(self.accelerator.device, dtype=self.weight_dtype)).latent_dist
+            encoded = iter({"latent_mean": mean, "latent_std": std} for mean, std in zip(dist.mean, dist.std))
+            return [next(encoded) if "pixel_values" in e else None for e in examples]
+
+        fill_cache(cache, keys, encode, self.config.train_batch_size, self.accelerator, "Caching latents")
+        return cache, keys
+
+    def _cache_text_embeddings(self, dataset: ImageReportDataset, root) -> tuple[EncodingCache, list[str]]:
+        """Text-encoder outputs, keyed by the token ids (so the report section and truncation are part of the key)."""
+        cache = EncodingCache(root, "text-embeddings", encoder_identity(self.text_encoder), {"output": "last_hidden_state"})
+        input_ids = [dataset.tokenize(dataset.text(i)) for i in range(len(dataset))]
+        keys = [cache.key(ids.numpy().tobytes()) for ids in input_ids]
+
+        @torch.no_grad()
+        def encode(indices):
+            hidden = self.text_encoder(torch.stack([input_ids[i] for i in indices]).to(self.accelerator.device), return_dict=False)[0]
+            return [{"encoder_hidden_states": h} for h in hidden]
+
+        fill_cache(cache, keys, encode, self.config.train_batch_size, self.accelerator, "Caching text embeddings")
+        return cache, keys
+
+    def _offload(self, *encoders) -> None:
+        """Encoders whose outputs are cached leave the accelerator until validation needs them."""
+        self.offloaded = [e for e in encoders if e is not None]
+        for encoder in self.offloaded:
+            encoder.to("cpu")
 
     def trainable_models(self) -> list[torch.nn.Module]:
         return [self.unet, self.text_encoder] if self.config.train_text_encoder else [self.unet]
@@ -90,17 +156,25 @@ class TextToImageLoRARecipe(LoRARecipe):
     # ------------------------------------------------------------------------------------------------ train
     def training_step(self, batch: dict) -> torch.Tensor:
         """The denoising loss of one batch (epsilon or v target, optional min-SNR weighting)."""
-        cfg, generator = self.config, self.generator
-        pixel_values = batch["pixel_values"].to(self.accelerator.device, dtype=self.weight_dtype)
-        with torch.no_grad():
-            latents = self.vae.encode(pixel_values).latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        cfg, device, dtype = self.config, self.accelerator.device, self.weight_dtype
+        generator = self.sample_generators(batch["index"])
+        if "latent_mean" in batch:  # cached: the same draw as DiagonalGaussianDistribution.sample
+            mean = batch["latent_mean"].to(device, dtype=dtype)
+            latents = mean + batch["latent_std"].to(device, dtype=dtype) * randn_tensor(mean.shape, generator=generator, device=device, dtype=dtype)
+        else:
+            with torch.no_grad():
+                latents = self.vae.encode(batch["pixel_values"].to(device, dtype=dtype)).latent_dist.sample(generator=generator)
+        latents = latents * self.vae.config.scaling_factor
+        noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
         if cfg.noise_offset:
-            noise += cfg.noise_offset * randn_tensor((*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-        timesteps = timesteps.to(latents.device)
+            noise += cfg.noise_offset * randn_tensor((*latents.shape[:2], 1, 1), generator=generator, device=device, dtype=dtype)
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in generator]).to(device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = self.text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
+        if "encoder_hidden_states" in batch:
+            encoder_hidden_states = batch["encoder_hidden_states"].to(device, dtype=dtype)
+        else:
+            encoder_hidden_states = self.text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
 
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -127,6 +201,8 @@ class TextToImageLoRARecipe(LoRARecipe):
             return None
         unet = accelerator.unwrap_model(self.unet)
         text_encoder = accelerator.unwrap_model(self.text_encoder)
+        for encoder in self.offloaded:
+            encoder.to(accelerator.device)
         pipe = load_pipeline(self.base, cfg.revision, cfg.variant, unet=unet, text_encoder=text_encoder, vae=self.vae, tokenizer=self.tokenizer)
         pipe.set_progress_bar_config(disable=True)
         unet.eval()
@@ -135,6 +211,8 @@ class TextToImageLoRARecipe(LoRARecipe):
                           num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
                           generator=torch.Generator().manual_seed(cfg.seed)).images
         unet.train()
+        for encoder in self.offloaded:
+            encoder.to("cpu")
         grid = make_image_grid(images, rows=len(cfg.validation_prompt), cols=cfg.num_validation_images)
         path = self.output_dir / "validation" / f"step-{self.progress.global_step:06d}.png"
         path.parent.mkdir(exist_ok=True)

@@ -123,7 +123,7 @@ def report(args) -> str:
         named = torch.tensor([labels[FINDING] == 1.0 for labels in label_reports(predictions)]).int()
         metrics = {k: v["value"] for k, v in evaluate_reports(references, predictions, bootstrap_samples=0)["metrics"].items()}
         rows.append(f"| {name} | {float(binary_f1_score(named, truth)):.3f} | {metrics['chexpert_f1_micro_14']:.3f} | "
-                    f"{metrics['chexpert_f1_micro_5']:.3f} | {metrics['bleu4']:.3f} | {metrics['rouge_l']:.3f} |")
+                    f"{metrics['chexpert_f1_micro_5']:.3f} | {metrics['bleu4']:.3f} | {metrics['rougeL']:.3f} |")
         first = int(truth.argmax())
         examples.append(f"- {name}, a phantom with the finding: reference \"{references[first]}\" / generated \"{predictions[first]}\"")
     return (f"{args.num_images} held-out phantoms ({int(truth.sum())} show the finding), target section `{config['report_section']}`, "

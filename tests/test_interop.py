@@ -49,9 +49,9 @@ def test_kohya_export_loads_through_diffusers_kohya_converter_with_identical_ima
     assert str(target) in capsys.readouterr().out
     weights = load_file(target)
     assert all(k.startswith(("lora_unet_", "lora_te_")) and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in weights)
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in weights
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in weights
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in weights
-    assert float(weights["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha"]) == 8.0
+    assert float(weights["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.alpha"]) == 8.0
 
     base = base_of(text_to_image_adapter)
     plain, _ = images(base)

@@ -145,5 +145,5 @@ def test_dicom_studies_read_like_training_data(tmp_path):
 def test_report_command_names_a_missing_adapter_in_one_line(tmp_path):
     from medfm.cli import main as medfm
 
-    with pytest.raises(SystemExit, match=r"medfm report: error: .*none/training_config.yaml not found"):
+    with pytest.raises(SystemExit, match=r"medfm report: error: Adapter folder .*none not found"):
         medfm(["report", "--adapter", str(tmp_path / "none"), "--image", str(png(tmp_path / "a.png"))])

@@ -67,10 +67,10 @@ def test_adapter_loads_with_plain_peft_and_matches_medfm_report(family, tmp_path
 
 def test_report_training_changes_generations_and_takes_dicom(tmp_path, capsys):
     out = tmp_path / "adapter"
-    run("llava", out, "--max_train_steps", 6, "--lora_on_vision_tower", "--modules_to_save", "lm_head")
-    before, after = (json.loads(line)["generated"] for line in
-                     ((out / "validation" / name).read_text().splitlines()[0] for name in ("step-000000.jsonl", "step-000006.jsonl")))
-    assert before != after
+    run("llava", out, "--max_train_steps", 6, "--lora_on_vision_tower", "--modules_to_save", "lm_head", "--learning_rate", 1e-2)
+    before, after = ([json.loads(line)["generated"] for line in (out / "validation" / name).read_text().splitlines()]
+                     for name in ("step-000000.jsonl", "step-000006.jsonl"))
+    assert before != after  # the built-in base is pretrained: a few steps at a high rate must still change what it writes
     image, _ = make_phantom(9, 96)
     image = (image - image.min()) / (image.max() - image.min())  # DICOM is min-max normalised; make the PNG match
     write_dicom(tmp_path / "cxr.dcm", np.round(image * 4095), "MONOCHROME2")

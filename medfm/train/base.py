@@ -59,6 +59,7 @@ class LoRARecipe:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        logger.info(self.accelerator.state)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.accelerator.device.type == "cpu" and self.accelerator.num_processes == 1 and torch.get_num_threads() == 1:

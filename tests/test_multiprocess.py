@@ -40,7 +40,7 @@ def test_two_processes_with_resume_match_one_process_and_only_the_main_one_write
     one, two = load_file(tmp_path / "one" / LORA_WEIGHTS_NAME), load_file(tmp_path / "two" / LORA_WEIGHTS_NAME)
     assert one.keys() == two.keys()
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-4, msg=key)  # all-reduced vs one-batch gradient means differ in rounding
     step_two = load_file(tmp_path / "two" / "checkpoint-2" / LORA_WEIGHTS_NAME)
     assert any(not torch.equal(step_two[k], two[k]) for k in two)  # the resumed steps changed the adapter
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from results import write_section  # benchmarks/results.py, next to this script
 from torchmetrics.functional.classification import binary_f1_score
 
 from medfm.data.images import to_rgb_tensor
@@ -50,12 +50,15 @@ def held_out_phantoms(count: int, seed: int, size: int) -> list[tuple[np.ndarray
     return [make_phantom(seed * 1_000_003 + i, size) for i in range(count)]
 
 
-def generate(pipe, prompts: list[str], steps: int, guidance: float) -> torch.Tensor:
-    """uint8 (N, 3, H, W), one image per prompt, image i from seed i."""
+def generate(pipe, prompts: list[str], steps: int, guidance: float, batch_size: int = 16) -> torch.Tensor:
+    """uint8 (N, 3, H, W), one image per prompt, image i from seed i (batched: one generator per image)."""
     pipe.set_progress_bar_config(disable=True)
-    images = [pipe(p, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(i), output_type="np").images[0]
-              for i, p in enumerate(prompts)]
-    return torch.from_numpy(np.round(np.stack(images) * 255).astype(np.uint8)).permute(0, 3, 1, 2)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(start + i) for i in range(len(batch))]
+        images.append(pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="np").images)
+    return torch.from_numpy(np.round(np.concatenate(images) * 255).astype(np.uint8)).permute(0, 3, 1, 2)
 
 
 def classifier_input(images: torch.Tensor) -> torch.Tensor:
@@ -132,28 +135,14 @@ def report(args) -> str:
             + "\n".join(rows) + "\n\n" + "\n".join(examples))
 
 
-def write_results(task: str, text: str) -> None:
-    """Replace this task's section of RESULTS-left-out-finding.md, keeping the other task's."""
-    sections = {}
-    if RESULTS.exists():
-        for block in RESULTS.read_text().split("\n## ")[1:]:
-            title, _, body = block.partition("\n")
-            sections[title.strip()] = body.strip()
-    command = "python benchmarks/left_out_finding.py " + " ".join(sys.argv[1:])
-    sections[task] = f"Reproduce: `{command}`\n\n{text}"
-    header = (f"# The left-out finding ({FINDING}): base vs base + LoRA\n\nMeasured on {platform.machine()}, {os.cpu_count()} CPU cores, "
-              "no GPU. See the docstring of benchmarks/left_out_finding.py for the protocol.\n")
-    RESULTS.write_text(header + "".join(f"\n## {title}\n\n{body}\n" for title, body in sorted(sections.items(), reverse=True)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
     t2i = tasks.add_parser("text-to-image")
     t2i.add_argument("--adapter", required=True)
     t2i.add_argument("--num_real", type=int, default=800)
-    t2i.add_argument("--num_generated", type=int, default=200, help="images per model for FID")
-    t2i.add_argument("--num_finding_prompts", type=int, default=100)
+    t2i.add_argument("--num_generated", type=int, default=128, help="images per model for FID")
+    t2i.add_argument("--num_finding_prompts", type=int, default=64)
     t2i.add_argument("--classifier_epochs", type=int, default=10)
     t2i.add_argument("--steps", type=int, default=25)
     t2i.add_argument("--guidance_scale", type=float, default=4.0)
@@ -169,7 +158,9 @@ def main() -> None:
     args = parser.parse_args()
     text = args.run(args)
     print(text)
-    write_results(args.task, text)
+    header = (f"# The left-out finding ({FINDING}): base vs base + LoRA\n\nMeasured on {platform.machine()}, {os.cpu_count()} CPU cores, "
+              "no GPU. See the docstring of benchmarks/left_out_finding.py for the protocol.\n")
+    write_section(RESULTS, header, args.task, text)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from results import write_section  # noqa: E402  (benchmarks/results.py, next to this script)
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = """# Speed and memory
+
+medfm's recipe against a reference loop on the same work, both measured in the same run (see each script's docstring)."""
 
 
 def build_sd15_architecture(folder: Path) -> None:
@@ -254,6 +260,7 @@ def main(argv=None) -> None:
             results[arm] = json.loads(out.strip().splitlines()[-1])
     text = report(args, results)
     print(text)
+    write_section(RESULTS, HEADER, f"Text-to-image LoRA training: {args.base} base, {args.resolution} px, {args.device}", text)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results, "table": text}, indent=1))
 

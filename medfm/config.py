@@ -24,6 +24,19 @@ TASK_DEFAULTS = {  # keys whose default depends on the task
                       "target_modules": ["to_k", "to_q", "to_v", "to_out.0"]},
     "report": {"pretrained_model_name_or_path": BUILTIN_TINY_VLM, "report_section": "findings"},
 }
+# The embedded offline run: what a run on a built-in tiny base and the built-in phantoms (no data given) uses where
+# neither --config nor a flag says otherwise.
+# Tuned so that it teaches the base the finding its pretraining left out, in minutes on 2 CPU cores
+# (benchmarks/RESULTS-left-out-finding.md); recipes/configs/demo-*.yaml write the same values out.
+BUILTIN_BASE_RECIPES = {
+    BUILTIN_TINY_SD: {"phantom_num_images": 1000, "rank": 8, "train_text_encoder": True, "max_train_steps": 800, "learning_rate": 1e-3,
+                      "snr_gamma": 5.0},
+    BUILTIN_TINY_VLM: {"phantom_num_images": 1000, "report_section": "impression",
+                       "instruction": "Write the impression of the radiology report for this chest X-ray.", "max_length": 256,
+                       "rank": 16, "lora_alpha": 32, "lora_on_vision_tower": True, "train_projector": True, "modules_to_save": ["lm_head"],
+                       "max_train_steps": 1200, "learning_rate": 1e-3, "validation_steps": 600, "num_validation_samples": 16,
+                       "validation_max_new_tokens": 64},
+}
 
 
 def _opt(default, help: str, choices=None):
@@ -239,13 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_train_config(argv: list[str] | None = None, exit_on_error: bool = True) -> TrainConfig:
-    """Defaults < `--config FILE` < flags. A bad config ends the program with a one-line error (or raises ConfigError)."""
+    """Defaults < a built-in base's recipe < `--config FILE` < flags. A bad config ends the program with a one-line error
+    (or raises ConfigError)."""
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
     try:
         values = load_yaml(flags.pop("config")) if "config" in flags else {}
         values.update(flags)
-        return TrainConfig(**values)
+        task = values.get("task", TrainConfig.task)
+        base = values.get("pretrained_model_name_or_path") or TASK_DEFAULTS.get(task, {}).get("pretrained_model_name_or_path")
+        own_data = any(values.get(key) for key in ("train_data_dir", "train_data_file", "dataset_name"))
+        return TrainConfig(**{**({} if own_data else BUILTIN_BASE_RECIPES.get(base, {})), **values})
     except ConfigError as err:
         if not exit_on_error:
             raise

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from diffusers.utils.torch_utils import randn_tensor
 from peft import PeftModel
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
@@ -65,6 +66,13 @@ def read_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
+def initial_noise(pipe, num_images: int, seed: int) -> torch.Tensor:
+    """The latents `pipe(prompt, num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed))` starts from."""
+    size = pipe.unet.config.sample_size  # latent size at the pipeline's default resolution
+    shape = (num_images, pipe.unet.config.in_channels, size, size)
+    return randn_tensor(shape, generator=torch.Generator().manual_seed(seed), dtype=pipe.text_encoder.dtype)
+
+
 def generate_images(
     prompts: list[str] | list[dict],
     output_dir: str | Path,
@@ -75,13 +83,15 @@ def generate_images(
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
     seed: int = 0,
+    batch_size: int = 8,
     pipe=None,
 ) -> list[Path]:
     """Write `num_images` PNGs per prompt plus metadata.jsonl (an imagefolder medfm can train or evaluate on).
 
     Prompts are strings, or rows with a `text` key whose other keys (labels) go into the metadata.
-    Each prompt is rendered as plain diffusers would: `pipe(prompt, num_images_per_prompt=num_images,
-    generator=torch.Generator().manual_seed(seed))`, so the pixels match diffusers with the LoRA loaded.
+    Each prompt starts from the noise plain diffusers would draw: `pipe(prompt, num_images_per_prompt=num_images,
+    generator=torch.Generator().manual_seed(seed))`, so the images match diffusers with the LoRA loaded (up to the
+    float rounding of batching); `batch_size` prompts are denoised together.
     Resumable: prompts whose images already exist are skipped. `pipe`: an already loaded pipeline matching
     `adapter` and the base (e.g. one the demo keeps in memory) instead of loading one.
     """
@@ -96,14 +106,21 @@ def generate_images(
     settings = {"negative_prompt": negative_prompt or "", "seed": seed, "num_images_per_prompt": num_images,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "adapter": str(adapter or ""),
                 "base_model": text_to_image_base(adapter, pretrained_model_name_or_path), "synthetic": "true", "generator": "medfm"}
-    for p in tqdm(todo, desc="Generating", unit="prompt", initial=len(rows) - len(todo), total=len(rows)):
-        images = pipe(rows[p]["text"], negative_prompt=negative_prompt, num_images_per_prompt=num_images, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed)).images
-        for i, image in enumerate(images):
+    progress = tqdm(desc="Generating", unit="prompt", initial=len(rows) - len(todo), total=len(rows))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        noise = torch.cat([initial_noise(pipe, num_images, seed)] * len(batch))
+        images = pipe([rows[p]["text"] for p in batch], negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                      num_images_per_prompt=num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      latents=noise).images
+        for index, image in enumerate(images):
+            p, i = batch[index // num_images], index % num_images
             info = PngInfo()
             for key, value in {"prompt": rows[p]["text"], **settings, "index_in_batch": i}.items():
                 info.add_text(key, str(value))
             image.save(output_dir / names[p][i], pnginfo=info)
+        progress.update(len(batch))
+    progress.close()
     with open(output_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
         for p, row in enumerate(rows):
             f.writelines(json.dumps({"file_name": name, **row, "prompt": row["text"], **settings, "index_in_batch": i}) + "\n"

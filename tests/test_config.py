@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
-from medfm.config import ConfigError, TrainConfig, parse_train_config
+from medfm.config import BUILTIN_BASE_RECIPES, BUILTIN_TINY_SD, BUILTIN_TINY_VLM, ConfigError, TrainConfig, parse_train_config
 
 
 def write_yaml(path, values):
@@ -16,7 +18,23 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert config.learning_rate == 5e-5
     assert config.use_8bit_adam is False
     assert config.validation_prompt == ["Cardiomegaly.", "Small left effusion."]
-    assert config.max_train_steps == TrainConfig().max_train_steps
+    assert config.max_train_steps == BUILTIN_BASE_RECIPES[BUILTIN_TINY_SD]["max_train_steps"]  # the built-in base's recipe, not set here
+
+
+def test_the_embedded_run_brings_its_recipe_and_a_real_base_or_own_data_keeps_the_defaults():
+    assert parse_train_config(["--pretrained_model_name_or_path", "stable-diffusion-v1-5/stable-diffusion-v1-5"]).to_dict() == {
+        **TrainConfig().to_dict(), "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    assert parse_train_config(["--train_data_dir", "/data/pairs"]).rank == TrainConfig().rank
+    report = parse_train_config(["--task", "report", "--learning_rate", "3e-4"])
+    assert report.learning_rate == 3e-4 and report.modules_to_save == BUILTIN_BASE_RECIPES[BUILTIN_TINY_VLM]["modules_to_save"]
+
+
+@pytest.mark.parametrize(("demo", "task"), [("demo-text-to-image.yaml", "text-to-image"), ("demo-report.yaml", "report")])
+def test_demo_recipe_files_write_out_the_embedded_default(demo, task):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "configs" / demo
+    from_file = parse_train_config(["--config", str(recipe)]).to_dict()
+    embedded = parse_train_config(["--task", task]).to_dict()
+    assert {k: v for k, v in from_file.items() if k != "output_dir"} == {k: v for k, v in embedded.items() if k != "output_dir"}
 
 
 def test_boolean_flags_have_negations():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,38 @@ def pretrain_text_to_image(args) -> None:
         print(f"Samples (rows: {', '.join(SAMPLE_PROMPTS)}): {args.samples_dir / 'tiny-sd-samples.png'}")
 
 
+def impression_sentence_targets(records: list[dict], min_count: int) -> torch.Tensor:
+    """Multi-hot (N, K) over the impression sentences seen at least `min_count` times: finding, side and size together."""
+    sentences = [[s.strip() + "." for s in record["impression"].split(".") if s.strip()] for record in records]
+    counts = Counter(s for per_record in sentences for s in per_record)
+    vocabulary = sorted(s for s, count in counts.items() if count >= min_count)
+    return torch.tensor([[float(s in per_record) for s in vocabulary] for per_record in sentences])
+
+
+def train_vision_tower(model, processor, studies: list[dict], steps: int, batch_size: int, generator: torch.Generator) -> None:
+    """Stage 1, as LLaVA-Rad starts from an image encoder pretrained on chest X-rays: vision tower + projector learn to
+    tell which impression sentences an image has (a linear probe on the mean projected image feature, discarded after)."""
+    targets = impression_sentence_targets([{"impression": study["report"]} for study in studies], min_count=20)
+    pixels = processor.image_processor([study["images"][0] for study in studies], return_tensors="pt")["pixel_values"]
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, targets.shape[1])
+    parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *probe.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-2)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=steps)
+    model.train()
+    progress = tqdm(range(steps), desc="Vision tower", unit="step")
+    for _ in progress:
+        index = torch.randint(len(studies), (batch_size,), generator=generator)
+        features = model.get_image_features(pixel_values=pixels[index]).pooler_output
+        logits = probe(torch.stack([image.mean(dim=0) for image in features]))
+        loss = F.binary_cross_entropy_with_logits(logits, targets[index])
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+
+
 def report_loss(model, batch: dict) -> torch.Tensor:
     """The model's causal LM loss, with logits computed only from the first report token on (they dominate the cost)."""
     labels = batch.pop("labels")
@@ -200,7 +233,9 @@ def pretrain_report(args) -> None:
     family = family_of(model)
     collator = ReportCollator(processor, family, REPORT_INSTRUCTION, max_length=256, eos_token_id=end_token_id(model))
     images, records = draw_phantoms(args.num_images, size=128)
-    train_vlm(model, collator, phantom_studies(images, records), args.steps, batch_size=16, generator=generator)
+    studies = phantom_studies(images, records)
+    train_vision_tower(model, processor, studies, args.vision_steps, batch_size=32, generator=generator)
+    train_vlm(model, collator, studies, args.steps, batch_size=16, generator=generator)
     path = save_shipped_weights({"model": model}, SHIPPED_TINY_VLM, TINY_VLM_VERSION, LEFT_OUT_OF_PRETRAINING, "report")
     print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     held_out = [make_phantom(PRETRAIN_PHANTOM_SEED * 1_000_003 + args.num_images + i, 128) for i in range(8)]
@@ -222,7 +257,8 @@ def main(argv=None) -> None:
     t2i.set_defaults(run=pretrain_text_to_image)
     report = tasks.add_parser("report", help="the tiny LLaVA base (builtin:tiny-llava)")
     report.add_argument("--num_images", type=int, default=4000)
-    report.add_argument("--steps", type=int, default=2000)
+    report.add_argument("--vision_steps", type=int, default=1200, help="stage 1: vision tower + projector")
+    report.add_argument("--steps", type=int, default=2000, help="stage 2: every weight, report loss")
     report.set_defaults(run=pretrain_report)
     for sub in (t2i, report):
         sub.add_argument("--seed", type=int, default=0)

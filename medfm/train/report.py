@@ -70,7 +70,8 @@ class ReportLoRARecipe(LoRARecipe):
             validation, studies = studies[: cfg.num_validation_samples], studies[cfg.num_validation_samples :]
         max_images = cfg.max_images_per_study if self.family.supports_multiple_images else 1
         self.dataset = ReportStudyDataset(studies, cfg.report_section, max_images, self.quarantine, cfg.verify_images)
-        self.validation_set = ReportStudyDataset(validation[: cfg.num_validation_samples], cfg.report_section, max_images, verify_images=True)
+        validation = validation[: cfg.num_validation_samples]
+        self.validation_set = ReportStudyDataset(validation, cfg.report_section, max_images, verify_images=True) if validation else []
         logger.info(f"{len(self.dataset)} usable studies of {len(studies)} ({len(self.quarantine.rows)} skipped); "
                     f"{len(self.validation_set)} for validation; target: the {cfg.report_section} section")
         self.collator = ReportCollator(self.processor, self.family, cfg.instruction, cfg.max_length, self.eos_token_id)

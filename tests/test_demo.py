@@ -1,10 +1,12 @@
 """The demo's index, input checks and model calls (the browser test is tests/test_demo_browser.py)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import write_dicom
@@ -123,7 +125,14 @@ def test_report_matches_medfm_report_and_is_labelled(tmp_path):
     Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "phantom.png")
     medfm(["report", "--adapter", adapter, "--image", str(tmp_path / "phantom.png"), "--max_new_tokens", "48", "--output", str(tmp_path / "r.jsonl")])
     expected = json.loads((tmp_path / "r.jsonl").read_text())["report"]
-    assert write_report(adapter, to_pil_rgb(read_upload(tmp_path / "phantom.png")), max_new_tokens=48) == expected
+    image = to_pil_rgb(read_upload(tmp_path / "phantom.png"))
+    assert write_report(adapter, image, max_new_tokens=48) == expected
+    config = yaml.safe_load((Path(adapter) / "training_config.yaml").read_text())
+    medfm(["report", "--pretrained_model_name_or_path", config["pretrained_model_name_or_path"], "--instruction", config["instruction"],
+           "--image", str(tmp_path / "phantom.png"), "--max_new_tokens", "48", "--output", str(tmp_path / "base.jsonl")])
+    base_alone = json.loads((tmp_path / "base.jsonl").read_text())["report"]
+    assert write_report(adapter, image, max_new_tokens=48, base_only=True) == base_alone != expected  # the adapter changes the report
+    assert write_report(adapter, image, max_new_tokens=48) == expected  # and is switched back on
 
 
 def test_labels_shown_are_the_mentioned_observations():

@@ -107,14 +107,16 @@ def _report_tab(entries: list[AdapterEntry]) -> None:
                              elem_id="upload")
             indication = gr.Textbox(label="Indication (optional)", placeholder="e.g. Shortness of breath.")
             max_new_tokens = gr.Slider(16, 512, value=128, step=16, label="Max new tokens")
+            compare = gr.Checkbox(True, label="Compare: also write the report with the base model alone")
             run = gr.Button("Write report", variant="primary", elem_id="write-report")
         with gr.Column():
             seen = gr.Image(label="What the model sees", type="pil", interactive=False, height=320)
-            report = gr.Textbox(label="Generated report", lines=6, elem_id="report", buttons=["copy"])
+            report = gr.Textbox(label="Base + adapter", lines=6, elem_id="report", buttons=["copy"])
+            base_report = gr.Textbox(label="Base alone", lines=3, elem_id="base-report", buttons=["copy"])
             labels = gr.Dataframe(headers=["Observation", "Label"], label="CheXpert labels medfm's rule-based labeler finds in the report",
                                   interactive=False, elem_id="labels")
 
-    def write(adapter, upload, indication, max_new_tokens, progress=gr.Progress()):
+    def write(adapter, upload, indication, max_new_tokens, compare, progress=gr.Progress()):
         if not upload:
             raise _refuse(ValueError("Upload a chest radiograph first (PNG, JPEG, TIFF or DICOM)."))
         if not adapter:
@@ -125,10 +127,12 @@ def _report_tab(entries: list[AdapterEntry]) -> None:
             raise _refuse(err) from None
         progress(0.3, desc="Writing the report (the model loads on first use)")
         text = write_report(adapter, image, indication, int(max_new_tokens))
-        return image, text, mentioned_labels(text)
+        base_text = write_report(adapter, image, indication, int(max_new_tokens), base_only=True) if compare else ""
+        return image, text, mentioned_labels(text), base_text
 
     adapter.change(lambda a: _describe(entries, a), adapter, about, queue=False)
-    run.click(write, [adapter, upload, indication, max_new_tokens], [seen, report, labels], concurrency_id="model", api_name="report")
+    run.click(write, [adapter, upload, indication, max_new_tokens, compare], [seen, report, labels, base_report], concurrency_id="model",
+              api_name="report")
 
 
 def build_demo(index: str | Path | None = None) -> gr.Blocks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,11 +47,13 @@ def generate_radiographs(adapter: str, prompt: str, output_dir: str | Path, nega
         pipe.enable_lora()
 
 
-def write_report(adapter: str, image: Image.Image, indication: str | None = None, max_new_tokens: int = 128) -> str:
-    """The report the adapter writes for one radiograph (greedy decoding, as `medfm report`)."""
+def write_report(adapter: str, image: Image.Image, indication: str | None = None, max_new_tokens: int = 128, base_only: bool = False) -> str:
+    """The report the adapter writes for one radiograph (greedy decoding, as `medfm report`); with `base_only`, the report
+    of the base alone (peft's disable_adapter: LoRA and fully trained modules switched off, no second copy loaded)."""
     model, processor, family, instruction = report_model(adapter)
-    return generate_reports(model, processor, family, [[image]], [full_instruction(instruction, indication or None)],
-                            max_new_tokens=max_new_tokens, show_progress=False)[0]
+    with model.disable_adapter() if base_only else nullcontext():
+        return generate_reports(model, processor, family, [[image]], [full_instruction(instruction, indication or None)],
+                                max_new_tokens=max_new_tokens, show_progress=False)[0]
 
 
 def mentioned_labels(report: str) -> list[list[str]]:

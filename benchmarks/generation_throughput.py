@@ -24,9 +24,9 @@ from medfm.data.phantom import make_phantom
 from medfm.generate import generate_images, load_text_to_image_pipeline
 
 
-def timed_generation(pipe, prompts: list[str], folder: Path, batch_size: int, steps: int) -> tuple[float, list[Path]]:
+def timed_generation(pipe, adapter: str, prompts: list[str], folder: Path, batch_size: int, steps: int) -> tuple[float, list[Path]]:
     start = time.perf_counter()
-    paths = generate_images(prompts, folder, pipe=pipe, batch_size=batch_size, num_inference_steps=steps, seed=0)
+    paths = generate_images(prompts, folder, adapter=adapter, pipe=pipe, batch_size=batch_size, num_inference_steps=steps, seed=0)
     return time.perf_counter() - start, paths
 
 
@@ -43,9 +43,9 @@ def main(argv=None) -> None:
     prompts = [make_phantom(i, 32)[1]["impression"] for i in range(args.num_prompts)]
     seconds, outputs = {}, {}
     with tempfile.TemporaryDirectory() as work:
-        generate_images(prompts[:1], Path(work) / "warmup", pipe=pipe, num_inference_steps=2)
+        generate_images(prompts[:1], Path(work) / "warmup", adapter=args.adapter, pipe=pipe, num_inference_steps=2)
         for batch_size in (1, args.batch_size):
-            seconds[batch_size], paths = timed_generation(pipe, prompts, Path(work) / f"batch-{batch_size}", batch_size, args.steps)
+            seconds[batch_size], paths = timed_generation(pipe, args.adapter, prompts, Path(work) / f"batch-{batch_size}", batch_size, args.steps)
             outputs[batch_size] = np.stack([np.asarray(Image.open(p), dtype=np.float32) for p in paths])
     difference = float(np.abs(outputs[1] - outputs[args.batch_size]).max())
     size = outputs[1].shape[1]

@@ -49,8 +49,8 @@ def main(argv=None) -> None:
     report_tokens, all_tokens, samples = (sum(column[1:]) for column in zip(*counts))
     text = "\n".join([
         f"Machine: {machine()}",
-        f"Setup: {args.config} {' '.join(recipe_flags)}, base {config.pretrained_model_name_or_path}, batch {config.train_batch_size}, "
-        f"{args.max_train_steps} steps, precision {config.mixed_precision}, LoRA r {config.rank}"
+        f"Setup: {' '.join([args.config, *recipe_flags])}, base {config.pretrained_model_name_or_path}, batch {config.train_batch_size}, "
+        f"{args.max_train_steps} steps, precision {config.mixed_precision or 'no'}, LoRA r {config.rank}"
         f"{' + vision tower' if config.lora_on_vision_tower else ''}", "",
         "| samples/s | report tokens/s (in the loss) | tokens/s (all the model reads) | peak RSS, MiB |", "|---|---|---|---|",
         f"| {samples / seconds:.2f} | {report_tokens / seconds:.0f} | {all_tokens / seconds:.0f} | "

@@ -260,7 +260,8 @@ def main(argv=None) -> None:
             results[arm] = json.loads(out.strip().splitlines()[-1])
     text = report(args, results)
     print(text)
-    write_section(RESULTS, HEADER, f"Text-to-image LoRA training: {args.base} base, {args.resolution} px, {args.device}", text)
+    title = f"Text-to-image LoRA training: {args.base} base, {args.resolution} px, {args.device}{', torch.compile' if args.torch_compile else ''}"
+    write_section(RESULTS, HEADER, title, text)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results, "table": text}, indent=1))
 

@@ -1,7 +1,7 @@
 """Pretrain medfm's tiny built-in bases on digital phantoms, with one finding left out, on a CPU.
 
     python recipes/pretrain_tiny_bases.py text-to-image   # VAE, then text encoder + UNet; writes medfm/bases/tiny-sd.safetensors
-    python recipes/pretrain_tiny_bases.py report          # tiny LLaVA, all weights; writes medfm/bases/tiny-llava.safetensors
+    python recipes/pretrain_tiny_bases.py report          # tiny LLaVA: vision tower, then all weights; writes medfm/bases/tiny-llava.safetensors
 
 Pleural effusion is never drawn and never reported positively during pretraining (reports still say
 "No pleural effusion."), so a LoRA run on the built-in phantoms has something real to teach. The files
@@ -170,27 +170,37 @@ def impression_sentence_targets(records: list[dict], min_count: int) -> torch.Te
     return torch.tensor([[float(s in per_record) for s in vocabulary] for per_record in sentences])
 
 
+def image_patches(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, patches, patch_size**2): each patch's grey values, in the raster order of the ViT's patch tokens."""
+    return F.unfold(pixel_values[:, :1], kernel_size=patch_size, stride=patch_size).transpose(1, 2)
+
+
 def train_vision_tower(model, processor, studies: list[dict], steps: int, batch_size: int, generator: torch.Generator) -> None:
     """Stage 1, as LLaVA-Rad starts from an image encoder pretrained on chest X-rays: vision tower + projector learn to
-    tell which impression sentences an image has (a linear probe on the mean projected image feature, discarded after)."""
+    tell which impression sentences an image has (a linear probe on the mean projected image feature) and to keep what
+    each patch looks like (a linear head rebuilding the patch from its image token), so that densities no report named,
+    such as the left-out finding's, stay in the features for a LoRA run to use. Both heads are discarded after."""
     targets = impression_sentence_targets([{"impression": study["report"]} for study in studies], min_count=20)
     pixels = processor.image_processor([study["images"][0] for study in studies], return_tensors="pt")["pixel_values"]
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, targets.shape[1])
-    parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *probe.parameters()]
+    patch_size = model.config.vision_config.patch_size
+    hidden_size = model.config.text_config.hidden_size
+    probe, patch_head = torch.nn.Linear(hidden_size, targets.shape[1]), torch.nn.Linear(hidden_size, patch_size**2)
+    parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *probe.parameters(),
+                  *patch_head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-2)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=steps)
     model.train()
     progress = tqdm(range(steps), desc="Vision tower", unit="step")
     for _ in progress:
         index = torch.randint(len(studies), (batch_size,), generator=generator)
-        features = model.get_image_features(pixel_values=pixels[index]).pooler_output
-        logits = probe(torch.stack([image.mean(dim=0) for image in features]))
-        loss = F.binary_cross_entropy_with_logits(logits, targets[index])
-        loss.backward()
+        tokens = torch.stack(list(model.get_image_features(pixel_values=pixels[index]).pooler_output))
+        sentence_loss = F.binary_cross_entropy_with_logits(probe(tokens.mean(dim=1)), targets[index])
+        patch_loss = F.mse_loss(patch_head(tokens), image_patches(pixels[index], patch_size))
+        (sentence_loss + patch_loss).backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        progress.set_postfix(sentences=f"{sentence_loss.item():.4f}", patches=f"{patch_loss.item():.4f}")
     model.eval()
 
 

@@ -23,7 +23,7 @@ from medfm.demo.browser import generate_in_page, open_page, report_in_page, serv
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, serve() as url:
         radiograph = Path(tmp) / "chest.png"
-        Image.fromarray((make_phantom(seed=10_003, size=256)[0] * 255).astype(np.uint8)).save(radiograph)
+        Image.fromarray((make_phantom(seed=10_015, size=256)[0] * 255).astype(np.uint8)).save(radiograph)
         with open_page(url) as page:
             generate_in_page(page, finding="Large right pleural effusion.")
             page.screenshot(path=DOCS / "demo-text-to-image.png", full_page=True)

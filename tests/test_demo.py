@@ -121,7 +121,7 @@ def test_report_matches_medfm_report_and_is_labelled(tmp_path):
     from medfm.demo.inference import write_report
 
     adapter = next(e.adapter for e in load_index(REPO_INDEX) if e.task == "report")
-    image, _ = make_phantom(seed=10_001, size=256)
+    image, _ = make_phantom(seed=10_015, size=256)  # held out; shows bilateral effusions, which only the adapted model reports
     Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "phantom.png")
     medfm(["report", "--adapter", adapter, "--image", str(tmp_path / "phantom.png"), "--max_new_tokens", "48", "--output", str(tmp_path / "r.jsonl")])
     expected = json.loads((tmp_path / "r.jsonl").read_text())["report"]

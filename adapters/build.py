@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from medfm.models.shipped import pinned_name
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"phantom-text-to-image": "recipes/configs/demo-text-to-image.yaml", "phantom-report": "recipes/configs/demo-report.yaml"}
 
@@ -34,13 +36,14 @@ def train(name: str, recipe_flags: list[str]) -> Path:
 
 
 def name_builtin_base(output_dir: Path, recipe: str) -> None:
-    """Write the recipe's `builtin:` base name where training recorded the local folder it resolved to.
+    """Write the recipe's `builtin:` base name, pinned to the shipped weights, where training recorded the local folder.
 
     Training records the folder a built-in base was materialised in (under $MEDFM_HOME, machine-specific);
-    a shipped adapter must name the built-in so that it resolves on any machine.
+    a shipped adapter must name the built-in so that it resolves on any machine, and its weights' fingerprint so that
+    new base weights make it fail loudly instead of loading onto weights it was not trained on.
     """
     with open(REPO / recipe, encoding="utf-8") as f:
-        builtin = yaml.safe_load(f)["pretrained_model_name_or_path"]
+        builtin = pinned_name(yaml.safe_load(f)["pretrained_model_name_or_path"])
     with open(output_dir / "training_config.yaml", encoding="utf-8") as f:
         local = yaml.safe_load(f)["pretrained_model_name_or_path"]
     if local == builtin:

@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from medfm.demo.index import REPO_INDEX, load_index
 from medfm.models import shipped
-from medfm.models.diffusion import SHIPPED_TINY_SD, TINY_SD_VERSION, build_tiny_sd_pipeline, load_pipeline, materialize_builtin_base
-from medfm.models.vlm import SHIPPED_TINY_VLM, TINY_VLM_VERSION, load_vlm
+from medfm.models.diffusion import SHIPPED_TINY_SD, TINY_SD_VERSION, build_tiny_sd_pipeline, load_pipeline, materialize_builtin_base, resolve_base
+from medfm.models.vlm import SHIPPED_TINY_VLM, TINY_VLM_VERSION, load_vlm, resolve_vlm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import pretrain_tiny_bases  # noqa: E402
@@ -38,6 +40,23 @@ def test_the_builtin_vlm_carries_the_pretrained_weights():
     tensors = load_file(shipped.shipped_path(SHIPPED_TINY_VLM))
     key = "lm_head.weight"
     assert torch.equal(model.state_dict()[key], tensors[f"model.{key}"].float())
+
+
+@pytest.mark.parametrize("resolve,builtin", [(resolve_base, "builtin:tiny-sd"), (resolve_vlm, "builtin:tiny-llava")])
+def test_a_base_name_pinned_to_other_weights_is_refused(resolve, builtin):
+    assert resolve(shipped.pinned_name(builtin)) == resolve(builtin)  # pinned to the shipped weights: the same folder
+    with pytest.raises(ValueError, match="trained on other weights.*adapters/build.py"):
+        resolve(f"{builtin}@000000000000")
+    with pytest.raises(ValueError, match="ships no pretrained weights"):
+        resolve_vlm("builtin:tiny-qwen2-vl@000000000000")
+
+
+def test_shipped_adapters_name_the_shipped_base_weights():
+    """A new base file without rebuilt adapters (python adapters/build.py) fails here, not silently in users' hands."""
+    for entry in load_index(REPO_INDEX):
+        config = yaml.safe_load((Path(entry.adapter) / "training_config.yaml").read_text())
+        base = config["pretrained_model_name_or_path"]
+        assert base == shipped.pinned_name(base.partition("@")[0]), entry.name
 
 
 def test_a_version_mismatch_is_an_error_naming_the_rebuild_command(monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..config import BUILTIN_TINY_SD
 from ..paths import build_once, medfm_home
-from .shipped import load_shipped_weights, shipped_fingerprint
+from .shipped import load_shipped_weights, shipped_fingerprint, unpinned_name
 from .tokenizers import clip_tokenizer
 
 TINY_SD_VERSION = "2"
@@ -75,9 +75,9 @@ def materialize_builtin_base(name: str = BUILTIN_TINY_SD) -> Path:
 
 
 def resolve_base(name_or_path: str) -> str:
-    """The Hub id or folder to load: built-in names become their local folder."""
+    """The Hub id or folder to load: built-in names (optionally pinned to their weights, `builtin:tiny-sd@<sha>`) become their local folder."""
     if name_or_path.startswith("builtin:"):
-        return str(materialize_builtin_base(name_or_path))
+        return str(materialize_builtin_base(unpinned_name(name_or_path, SHIPPED_TINY_SD)))
     return name_or_path
 
 

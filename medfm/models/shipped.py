@@ -29,6 +29,22 @@ def shipped_fingerprint(name: str) -> str:
     return hashlib.sha256(shipped_path(name).read_bytes()).hexdigest()[:12]
 
 
+def pinned_name(builtin: str) -> str:
+    """`builtin:<name>@<fingerprint>`: a built-in base name that also says which shipped weights it means (adapters record it)."""
+    return f"{builtin}@{shipped_fingerprint(builtin.removeprefix('builtin:'))}"
+
+
+def unpinned_name(name: str, shipped: str | None) -> str:
+    """`builtin:<name>[@<fingerprint>]` -> `builtin:<name>`, after checking that a pinned fingerprint is the shipped file's."""
+    builtin, _, pin = name.partition("@")
+    if pin and (shipped is None or pin != shipped_fingerprint(shipped)):
+        have = f"ships {shipped_fingerprint(shipped)} ({shipped_path(shipped)})" if shipped else "ships no pretrained weights for it"
+        raise ValueError(f"{name!r} means the {builtin} weights {pin}, but this medfm {have}: whatever was trained on it (an adapter's "
+                         "training_config.yaml names it) was trained on other weights. Retrain it (`python adapters/build.py` for the "
+                         "shipped adapters) or install the medfm version it was trained with.")
+    return builtin
+
+
 def save_shipped_weights(modules: dict[str, torch.nn.Module], name: str, base_version: str, left_out: str, task: str, **extra: str) -> Path:
     """Write the modules' weights (fp16, keys prefixed by module name) with the versions they were trained for."""
     tensors = {f"{prefix}.{key}": value.detach().to(torch.float16).contiguous() for prefix, module in modules.items()

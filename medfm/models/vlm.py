@@ -41,7 +41,7 @@ from transformers import (
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 
 from ..paths import build_once, medfm_home
-from .shipped import load_shipped_weights, shipped_fingerprint
+from .shipped import load_shipped_weights, shipped_fingerprint, unpinned_name
 from .tokenizers import CLIP_BPE_FILE, bytes_to_unicode
 
 TINY_VLM_VERSION = "2"
@@ -295,9 +295,10 @@ def materialize_builtin_vlm(name: str) -> Path:
 
 
 def resolve_vlm(name_or_path: str) -> str:
-    """The Hub id or folder to load: built-in names become their local folder."""
+    """The Hub id or folder to load: built-in names (optionally pinned to their weights, `builtin:tiny-llava@<sha>`) become their local folder."""
     if name_or_path.startswith("builtin:"):
-        return str(materialize_builtin_vlm(name_or_path))
+        shipped = SHIPPED_TINY_VLM if name_or_path.partition("@")[0] == f"builtin:{SHIPPED_TINY_VLM}" else None
+        return str(materialize_builtin_vlm(unpinned_name(name_or_path, shipped)))
     return name_or_path
 
 

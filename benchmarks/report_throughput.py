@@ -51,7 +51,8 @@ def main(argv=None) -> None:
         f"Machine: {machine()}",
         f"Setup: {' '.join([args.config, *recipe_flags])}, base {config.pretrained_model_name_or_path}, batch {config.train_batch_size}, "
         f"{args.max_train_steps} steps, precision {config.mixed_precision or 'no'}, LoRA r {config.rank}"
-        f"{' + vision tower' if config.lora_on_vision_tower else ''}", "",
+        f"{' + vision tower' if config.lora_on_vision_tower else ''}, trained fully: {', '.join(config.modules_to_save or []) or 'none'}"
+        f"{' + projector' if config.train_projector else ''}", "",
         "| samples/s | report tokens/s (in the loss) | tokens/s (all the model reads) | peak RSS, MiB |", "|---|---|---|---|",
         f"| {samples / seconds:.2f} | {report_tokens / seconds:.0f} | {all_tokens / seconds:.0f} | "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} |"])

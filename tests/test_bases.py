@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from medfm.demo.index import REPO_INDEX, load_index
+from medfm.generate import adapter_training_config
 from medfm.models import shipped
 from medfm.models.diffusion import SHIPPED_TINY_SD, TINY_SD_VERSION, build_tiny_sd_pipeline, load_pipeline, materialize_builtin_base, resolve_base
 from medfm.models.vlm import SHIPPED_TINY_VLM, TINY_VLM_VERSION, load_vlm, resolve_vlm
@@ -54,8 +54,7 @@ def test_a_base_name_pinned_to_other_weights_is_refused(resolve, builtin):
 def test_shipped_adapters_name_the_shipped_base_weights():
     """A new base file without rebuilt adapters (python adapters/build.py) fails here, not silently in users' hands."""
     for entry in load_index(REPO_INDEX):
-        config = yaml.safe_load((Path(entry.adapter) / "training_config.yaml").read_text())
-        base = config["pretrained_model_name_or_path"]
+        base = adapter_training_config(entry.adapter)["pretrained_model_name_or_path"]
         assert base == shipped.pinned_name(base.partition("@")[0]), entry.name
 
 

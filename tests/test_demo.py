@@ -1,12 +1,10 @@
 """The demo's index, input checks and model calls (the browser test is tests/test_demo_browser.py)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-import yaml
 from PIL import Image
 
 from conftest import write_dicom
@@ -14,6 +12,7 @@ from medfm.cli import main as medfm
 from medfm.demo.index import REPO_INDEX, load_index
 from medfm.demo.inference import mentioned_labels
 from medfm.demo.inputs import MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS, InputError, check_prompt, read_upload
+from medfm.generate import adapter_training_config
 
 
 def test_shipped_index_lists_local_adapters_of_both_tasks():
@@ -127,7 +126,7 @@ def test_report_matches_medfm_report_and_is_labelled(tmp_path):
     expected = json.loads((tmp_path / "r.jsonl").read_text())["report"]
     image = to_pil_rgb(read_upload(tmp_path / "phantom.png"))
     assert write_report(adapter, image, max_new_tokens=48) == expected
-    config = yaml.safe_load((Path(adapter) / "training_config.yaml").read_text())
+    config = adapter_training_config(adapter)
     medfm(["report", "--pretrained_model_name_or_path", config["pretrained_model_name_or_path"], "--instruction", config["instruction"],
            "--image", str(tmp_path / "phantom.png"), "--max_new_tokens", "48", "--output", str(tmp_path / "base.jsonl")])
     base_alone = json.loads((tmp_path / "base.jsonl").read_text())["report"]

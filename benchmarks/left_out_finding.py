@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from results import write_section  # benchmarks/results.py, next to this script
-from torchmetrics.functional.classification import binary_f1_score
+from torchmetrics.functional.classification import binary_f1_score, binary_precision, binary_recall
 
 from medfm.data.images import to_rgb_tensor
 from medfm.data.phantom import make_phantom
@@ -125,13 +125,14 @@ def report(args) -> str:
         predictions = generate_reports(model, processor, family, images, instructions, max_new_tokens=args.max_new_tokens)
         named = torch.tensor([labels[FINDING] == 1.0 for labels in label_reports(predictions)]).int()
         metrics = {k: v["value"] for k, v in evaluate_reports(references, predictions, bootstrap_samples=0)["metrics"].items()}
-        rows.append(f"| {name} | {float(binary_f1_score(named, truth)):.3f} | {metrics['chexpert_f1_micro_14']:.3f} | "
+        rows.append(f"| {name} | {float(binary_f1_score(named, truth)):.3f} ({float(binary_precision(named, truth)):.2f} / "
+                    f"{float(binary_recall(named, truth)):.2f}) | {metrics['chexpert_f1_micro_14']:.3f} | "
                     f"{metrics['chexpert_f1_micro_5']:.3f} | {metrics['bleu4']:.3f} | {metrics['rougeL']:.3f} |")
         first = int(truth.argmax())
         examples.append(f"- {name}, a phantom with the finding: reference \"{references[first]}\" / generated \"{predictions[first]}\"")
     return (f"{args.num_images} held-out phantoms ({int(truth.sum())} show the finding), target section `{config['report_section']}`, "
             "greedy decoding; CheXpert labels from medfm's labeler on reference and generated text.\n\n"
-            f"| model | {FINDING} F1 | CheXpert F1 micro (14) | CheXpert F1 micro (5) | BLEU-4 | ROUGE-L |\n|---|---|---|---|---|---|\n"
+            f"| model | {FINDING} F1 (precision / recall) | CheXpert F1 micro (14) | CheXpert F1 micro (5) | BLEU-4 | ROUGE-L |\n|---|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n\n" + "\n".join(examples))
 
 

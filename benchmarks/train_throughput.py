@@ -2,8 +2,11 @@
 `examples/text_to_image/train_text_to_image_lora.py` does (VAE-encode every image, text-encode every caption).
 
 Same base, data, batch, steps, seed, LoRA, optimizer and precision; each arm runs in its own process so peak
-RSS and peak CUDA memory are its own. Reports samples/s, time to first step (model loading and, for medfm,
-building its encoding cache from cold), peak RSS, peak CUDA memory, the loss at start and end, and the ratios.
+RSS and peak CUDA memory are its own. Arms: the reference, medfm's recipe, and medfm's recipe with
+--torch_compile (compiling from a cold cache). The arms take turns, --repeats times, so a busy machine slows
+them alike; the table gives medians. Reports samples/s, time to the end of the first optimizer step (model
+loading, building medfm's encoding cache from cold, compiling), peak RSS, peak CUDA memory, the loss at start
+and end, and the ratios to the reference.
 
     python benchmarks/train_throughput.py                               # CPU, tiny built-in base, 128 px
     python benchmarks/train_throughput.py --base sd15 --device cuda --resolution 512 --mixed_precision bf16 \\
@@ -17,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,8 +71,8 @@ def resolve(base: str) -> str:
     return base
 
 
-# ------------------------------------------------------------------------------------------------ the two arms
-def run_medfm(args, data_dir: str, work: Path) -> dict:
+# ------------------------------------------------------------------------------------------------ the arms
+def run_medfm(args, data_dir: str, work: Path, torch_compile: bool = False) -> dict:
     """medfm's recipe as users run it (cold encoding cache in a fresh folder)."""
     from medfm.config import TrainConfig
     from medfm.train.text_to_image import TextToImageLoRARecipe
@@ -77,19 +81,25 @@ def run_medfm(args, data_dir: str, work: Path) -> dict:
                          cache_dir=str(work / "cache"), resolution=args.resolution, train_batch_size=args.train_batch_size,
                          max_train_steps=args.max_train_steps, learning_rate=args.learning_rate, seed=args.seed, rank=args.rank,
                          mixed_precision=args.mixed_precision, use_8bit_adam=args.use_8bit_adam, gradient_checkpointing=args.gradient_checkpointing,
-                         torch_compile=args.torch_compile, dataloader_num_workers=args.dataloader_num_workers, validation_prompt=[],
+                         torch_compile=torch_compile, dataloader_num_workers=args.dataloader_num_workers, validation_prompt=[],
                          checkpointing_steps=10**9, report_to="none", verify_images=False)
     clock = StepClock()
     recipe = TextToImageLoRARecipe(config)
     recipe.setup()
-    step = recipe.training_step
+    training_step, optimizer_step = recipe.training_step, recipe.optimizer.step
+    batch_sizes = []
 
-    def timed_step(batch):
-        loss = step(batch)
-        clock.tick(loss, len(batch["index"]), recipe.accelerator.device)
+    def timed_training_step(batch):
+        loss = training_step(batch)
+        clock.losses.append(loss.item())
+        batch_sizes.append(len(batch["index"]))
         return loss
 
-    recipe.training_step = timed_step
+    def timed_optimizer_step(*args, **kwargs):
+        optimizer_step(*args, **kwargs)
+        clock.tick(batch_sizes[-1])
+
+    recipe.training_step, recipe.optimizer.step = timed_training_step, timed_optimizer_step
     recipe.train()
     return clock.summary()
 
@@ -120,12 +130,13 @@ def run_reference(args, data_dir: str, work: Path) -> dict:
     cast_training_params(unet, dtype=torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    lora_layers = lora_parameters(unet)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer = bnb.optim.AdamW8bit(lora_parameters(unet), lr=args.learning_rate)
+        optimizer = bnb.optim.AdamW8bit(lora_layers, lr=args.learning_rate)
     else:
-        optimizer = torch.optim.AdamW(lora_parameters(unet), lr=args.learning_rate)
+        optimizer = torch.optim.AdamW(lora_layers, lr=args.learning_rate)
     dataset = ImageReportDataset(pairs_from_imagefolder(data_dir), args.resolution, parts.tokenizer, verify_images=False)
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_pairs, num_workers=args.dataloader_num_workers,
                         generator=torch.Generator().manual_seed(args.seed))
@@ -143,10 +154,11 @@ def run_reference(args, data_dir: str, work: Path) -> dict:
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                 loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(lora_parameters(unet), 1.0)
+                accelerator.clip_grad_norm_(lora_layers, 1.0)
                 optimizer.step()
                 optimizer.zero_grad()
-            clock.tick(loss, len(batch["index"]), accelerator.device)
+            clock.losses.append(loss.item())
+            clock.tick(len(batch["index"]))
             step += 1
             if step >= args.max_train_steps:
                 break
@@ -154,7 +166,7 @@ def run_reference(args, data_dir: str, work: Path) -> dict:
 
 
 class StepClock:
-    """Wall time from the arm's start to each step's end, per-step losses, peak memory."""
+    """Wall time from the arm's start to the end of each optimizer step, per-step losses, peak memory."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -164,8 +176,9 @@ class StepClock:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
-    def tick(self, loss: torch.Tensor, batch_size: int, device) -> None:
-        self.losses.append(loss.item())  # synchronises the device, so step ends are real
+    def tick(self, batch_size: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # step ends are real, not kernel launches
         self.ends.append(time.perf_counter())
         self.samples += batch_size if len(self.ends) > 1 else 0
 
@@ -173,6 +186,7 @@ class StepClock:
         quarter = max(len(self.losses) // 4, 1)
         return {
             "time_to_first_step_s": self.ends[0] - self.start,
+            "whole_run_s": self.ends[-1] - self.start,
             "samples_per_s": self.samples / (self.ends[-1] - self.ends[0]),  # steady state: after the first step
             "steps": len(self.ends),
             "loss_first_quarter": sum(self.losses[:quarter]) / quarter,
@@ -189,7 +203,12 @@ def _sem(values: list[float]) -> float:
     return (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1) / len(values)) ** 0.5
 
 
-ARMS = {"medfm": run_medfm, "reference": run_reference}
+ARMS = {"reference": run_reference, "medfm": run_medfm, "medfm-compile": lambda *a: run_medfm(*a, torch_compile=True)}
+ARM_LABELS = {"reference": "reference (diffusers-script loop)", "medfm": "medfm", "medfm-compile": "medfm --torch_compile"}
+MEASURES = {"samples_per_s": ("samples/s (after the first step)", "{:.2f}"), "time_to_first_step_s": ("time to first step, s", "{:.1f}"),
+            "whole_run_s": ("whole run (loading to last step), s", "{:.1f}"),
+            "peak_rss_mib": ("peak RSS, MiB", "{:.0f}"), "peak_cuda_mib": ("peak CUDA memory, MiB", "{:.0f}"),
+            "loss_first_quarter": ("loss, first quarter of steps", "{:.4f}"), "loss_last_quarter": ("loss, last quarter of steps", "{:.4f}")}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -198,21 +217,23 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def report(args, results: dict) -> str:
-    medfm, ref = results["medfm"], results["reference"]
-    rows = [("samples/s (after the first step)", "samples_per_s", "{:.2f}"), ("time to first step, s", "time_to_first_step_s", "{:.1f}"),
-            ("peak RSS, MiB", "peak_rss_mib", "{:.0f}"), ("peak CUDA memory, MiB", "peak_cuda_mib", "{:.0f}"),
-            ("loss, first quarter of steps", "loss_first_quarter", "{:.4f}"), ("loss, last quarter of steps", "loss_last_quarter", "{:.4f}")]
+def report(args, runs: dict[str, list[dict]]) -> str:
+    """Medians over the repeats; samples/s also as each arm's ratio to the reference and as the range seen."""
+    median = {arm: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None for key in MEASURES} for arm, rs in runs.items()}
+    arms, ref = list(runs), median["reference"]
     lines = [f"Machine: {machine()}", f"Setup: base {args.base}, {args.resolution} px, batch {args.train_batch_size}, {args.max_train_steps} steps, "
              f"seed {args.seed}, rank {args.rank}, precision {args.mixed_precision}, 8-bit AdamW {args.use_8bit_adam}, gradient checkpointing "
-             f"{args.gradient_checkpointing}, torch.compile (medfm) {args.torch_compile}, {args.num_images} phantom images", "",
-             "| | medfm | reference (diffusers-script loop) | medfm / reference |", "|---|---|---|---|"]
-    for label, key, fmt in rows:
-        if medfm[key] is None:
-            continue
-        lines.append(f"| {label} | {fmt.format(medfm[key])} | {fmt.format(ref[key])} | {medfm[key] / ref[key]:.2f} |")
-    lines.append(f"\nLast-quarter loss ± standard error: medfm {medfm['loss_last_quarter']:.4f} ± {medfm['loss_last_quarter_sem']:.4f}, "
-                 f"reference {ref['loss_last_quarter']:.4f} ± {ref['loss_last_quarter_sem']:.4f}")
+             f"{args.gradient_checkpointing}, {args.num_images} phantom images; medians of {args.repeats} runs per arm, arms taking turns", "",
+             "| | " + " | ".join(ARM_LABELS[arm] for arm in arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    lines.append("| samples/s (after the first step) | " + " | ".join(
+        f"{median[arm]['samples_per_s']:.2f} ({min(r['samples_per_s'] for r in runs[arm]):.1f}–{max(r['samples_per_s'] for r in runs[arm]):.1f})"
+        for arm in arms) + " |")
+    lines.append("| samples/s vs reference | " + " | ".join(f"**{median[arm]['samples_per_s'] / ref['samples_per_s']:.2f}x**" for arm in arms) + " |")
+    for key, (label, fmt) in MEASURES.items():
+        if key != "samples_per_s" and ref[key] is not None:
+            lines.append(f"| {label} | " + " | ".join(fmt.format(median[arm][key]) for arm in arms) + " |")
+    lines.append("\nLast-quarter loss ± standard error: " + ", ".join(
+        f"{arm} {runs[arm][0]['loss_last_quarter']:.4f} ± {runs[arm][0]['loss_last_quarter_sem']:.4f}" for arm in arms))
     return "\n".join(lines)
 
 
@@ -230,8 +251,10 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--use_8bit_adam", action="store_true")
     parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--torch_compile", action="store_true", help="medfm arm only")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="the reference always runs")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per arm (medians reported)")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file whose section this setup replaces")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: run one arm in this process
     parser.add_argument("--data_dir", help=argparse.SUPPRESS)
@@ -250,20 +273,23 @@ def main(argv=None) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    results = {}
+    arms = ["reference", *(arm for arm in args.arms if arm != "reference")]
+    runs = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as work:
         data_dir = str(write_phantom_dataset(Path(work) / "data", num_images=args.num_images, seed=args.seed, size=args.resolution))
-        for arm in ("reference", "medfm"):
-            command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--arm", arm, "--data_dir", data_dir]
-            print(f"Running {arm} ...", file=sys.stderr)
-            out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
-            results[arm] = json.loads(out.strip().splitlines()[-1])
-    text = report(args, results)
+        for repeat in range(args.repeats):
+            for arm in arms:
+                env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(work) / f"inductor-{arm}-{repeat}")  # torch.compile starts cold, as on a first run
+                command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--arm", arm, "--data_dir", data_dir]
+                print(f"Running {arm} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr)
+                out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+                runs[arm].append(json.loads(out.strip().splitlines()[-1]))
+    text = report(args, runs)
     print(text)
-    title = f"Text-to-image LoRA training: {args.base} base, {args.resolution} px, {args.device}{', torch.compile' if args.torch_compile else ''}"
-    write_section(RESULTS, HEADER, title, text)
+    title = f"Text-to-image LoRA training: {args.base} base, {args.resolution} px, {args.device}"
+    write_section(args.results, HEADER, title, text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results, "table": text}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "runs": runs, "table": text}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ class TrainConfig:
     cache_text_embeddings: bool | None = _opt(None, "text-to-image: encode each report with the frozen text encoder once and cache it on disk "
                                                     "(default: on unless --train_text_encoder).")
     cache_dir: str | None = _opt(None, "Folder of cached encodings, shared by runs: keyed by content, preprocessing and encoder (default: $MEDFM_HOME/cache).")
-    torch_compile: bool = _opt(False, "Compile the trained model with torch.compile (inductor); pays off on long GPU runs.")
+    torch_compile: bool = _opt(False, "Compile the trained model with torch.compile (inductor): faster steps after a slow first one; pays off on long runs.")
 
     def __post_init__(self):
         for key, default in TASK_DEFAULTS.get(self.task, {}).items():

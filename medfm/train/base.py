@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -27,6 +27,7 @@ from ..lora import lora_parameters
 from .checkpoints import TrainingProgress, find_checkpoint, prune_checkpoints
 
 logger = get_logger(__name__)
+UNSHARDED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # every process holds whole parameters
 
 
 class LoRARecipe:
@@ -98,8 +99,10 @@ class LoRARecipe:
             except ImportError as err:
                 raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes, or pass --no-use_8bit_adam") from err
             optimizer_class = bnb.optim.AdamW8bit
+        # One fused kernel per step instead of a loop over LoRA tensors; sharded engines (DeepSpeed, FSDP) bring their own.
+        fused = optimizer_class is torch.optim.AdamW and self.accelerator.distributed_type in UNSHARDED
         self.optimizer = optimizer_class(lora_parameters(*self.trainable_models()), lr=learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                                         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **({"fused": True} if fused else {}))
         batches_per_process = math.ceil(len(self.train_dataloader) / self.accelerator.num_processes)
         self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
@@ -115,6 +118,7 @@ class LoRARecipe:
             *self.trainable_models(), self.optimizer, self.train_dataloader, self.lr_scheduler
         )
         self._set_prepared_models(models)
+        self.trained_parameters = [p for group in self.optimizer.param_groups for p in group["params"]]  # what the optimizer steps
 
     def _set_prepared_models(self, models: list[torch.nn.Module]) -> None:
         raise NotImplementedError
@@ -155,7 +159,7 @@ class LoRARecipe:
     def train(self) -> None:
         cfg, accelerator, progress = self.config, self.accelerator, self.progress
         trainable = self.trainable_models()
-        logger.info(f"Training {sum(p.numel() for p in lora_parameters(*trainable)):,} LoRA parameters for {self.max_train_steps} steps "
+        logger.info(f"Training {sum(p.numel() for p in self.trained_parameters):,} LoRA parameters for {self.max_train_steps} steps "
                     f"({self.num_epochs} epochs of {self.steps_per_epoch})")
         bar = tqdm(total=self.max_train_steps, initial=progress.global_step, desc="Steps", disable=not accelerator.is_local_main_process)
         if progress.global_step == 0:
@@ -176,7 +180,7 @@ class LoRARecipe:
                     loss = self.training_step(batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(lora_parameters(*trainable), cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(self.trained_parameters, cfg.max_grad_norm)
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad()

@@ -1,0 +1,25 @@
+"""The speed benchmark runs end to end (tiny and short: what it measures here is not a result)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_both_arms_and_writes_their_table(tmp_path):
+    results, raw = tmp_path / "RESULTS.md", tmp_path / "runs.json"
+    subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--max_train_steps", "3", "--num_images", "16", "--repeats", "1",
+                    "--arms", "medfm", "--results", str(results), "--json", str(raw)], cwd=REPO, check=True, capture_output=True)
+    runs = json.loads(raw.read_text())["runs"]
+    assert sorted(runs) == ["medfm", "reference"]
+    for (run,) in runs.values():
+        assert run["steps"] == 3 and run["samples_per_s"] > 0 and run["whole_run_s"] >= run["time_to_first_step_s"] > 0
+        assert len(run["losses"]) == 3 and all(math.isfinite(loss) for loss in run["losses"])
+    table = results.read_text()
+    assert "Reproduce: `python benchmarks/train_throughput.py" in table and "| samples/s vs reference | **1.00x** |" in table

@@ -21,7 +21,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from results import write_section  # noqa: E402  (benchmarks/results.py, next to this script)
+from results import run_in_turns, write_section  # noqa: E402  (benchmarks/results.py, next to this script)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = """# Speed and memory
@@ -274,16 +273,14 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     arms = ["reference", *(arm for arm in args.arms if arm != "reference")]
-    runs = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as work:
         data_dir = str(write_phantom_dataset(Path(work) / "data", num_images=args.num_images, seed=args.seed, size=args.resolution))
-        for repeat in range(args.repeats):
-            for arm in arms:
-                env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(work) / f"inductor-{arm}-{repeat}")  # torch.compile starts cold, as on a first run
-                command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--arm", arm, "--data_dir", data_dir]
-                print(f"Running {arm} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr)
-                out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
-                runs[arm].append(json.loads(out.strip().splitlines()[-1]))
+        command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--data_dir", data_dir]
+
+        def env_for(arm: str, repeat: int) -> dict:  # torch.compile starts from a cold cache, as on a first run
+            return {**env, "TORCHINDUCTOR_CACHE_DIR": str(Path(work) / f"inductor-{arm}-{repeat}")}
+
+        runs = run_in_turns(arms, args.repeats, command, env_for)
     text = report(args, runs)
     print(text)
     title = f"Text-to-image LoRA training: {args.base} base, {args.resolution} px, {args.device}"

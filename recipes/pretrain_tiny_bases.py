@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from medfm.config import BUILTIN_TINY_VLM
 from medfm.data.phantom import make_phantom
-from medfm.data.report_batches import IGNORE_INDEX, ReportCollator, encode_prompts, end_token_id
+from medfm.data.report_batches import ReportCollator, encode_prompts, end_token_id, report_token_loss
 from medfm.data.studies import to_pil_rgb
 from medfm.models.diffusion import SHIPPED_TINY_SD, TINY_SD_VERSION, build_tiny_sd_pipeline, pretrained_modules
 from medfm.models.shipped import LEFT_OUT_OF_PRETRAINING, save_shipped_weights
@@ -204,14 +204,6 @@ def train_vision_tower(model, processor, studies: list[dict], steps: int, batch_
     model.eval()
 
 
-def report_loss(model, batch: dict) -> torch.Tensor:
-    """The model's causal LM loss, with logits computed only from the first report token on (they dominate the cost)."""
-    labels = batch.pop("labels")
-    first = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())
-    logits = model(**batch, logits_to_keep=labels.shape[1] - first + 1).logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, first:].reshape(-1), ignore_index=IGNORE_INDEX)
-
-
 def train_vlm(model, collator: ReportCollator, studies: list[dict], steps: int, batch_size: int, generator: torch.Generator) -> None:
     """Every weight (vision tower, projector, language model) with the report-only language-modelling loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
@@ -221,7 +213,7 @@ def train_vlm(model, collator: ReportCollator, studies: list[dict], steps: int, 
     for _ in progress:
         index = torch.randint(len(studies), (batch_size,), generator=generator).tolist()
         batch = collator([studies[i] for i in index])
-        loss = report_loss(model, {k: v for k, v in batch.items() if torch.is_tensor(v)})
+        loss = report_token_loss(model, {k: v for k, v in batch.items() if torch.is_tensor(v)})
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

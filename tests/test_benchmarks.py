@@ -23,3 +23,15 @@ def test_train_throughput_runs_both_arms_and_writes_their_table(tmp_path):
         assert len(run["losses"]) == 3 and all(math.isfinite(loss) for loss in run["losses"])
     table = results.read_text()
     assert "Reproduce: `python benchmarks/train_throughput.py" in table and "| samples/s vs reference | **1.00x** |" in table
+
+
+@pytest.mark.slow
+def test_report_throughput_arms_train_alike(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    subprocess.run([sys.executable, "benchmarks/report_throughput.py", "--max_train_steps", "3", "--repeats", "1", "--results", str(results),
+                    "--phantom_num_images", "32", "--lr_scheduler", "constant"], cwd=REPO, check=True, capture_output=True)
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in results.read_text().splitlines()
+            if line.startswith("| ")}
+    reference_loss, medfm_loss = map(float, rows["loss at the last step"])
+    assert reference_loss == pytest.approx(medfm_loss, abs=2e-4)  # same training: only where the logits are computed differs
+    assert all(float(value) > 0 for value in rows["samples/s"])

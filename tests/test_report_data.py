@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import write_dicom
-from medfm.data.report_batches import IGNORE_INDEX, ReportCollator, end_token_id
+from medfm.data.report_batches import IGNORE_INDEX, ReportCollator, end_token_id, report_token_loss
 from medfm.data.studies import ReportStudyDataset, load_studies
 from medfm.models.vlm import BUILTIN_TINY_VLMS, VLM_FAMILIES, answer_prefix, load_vlm
 
@@ -103,8 +103,10 @@ def test_labels_cover_report_tokens_only(family, vlm, tmp_path):
     assert (labels[batch["attention_mask"] == 0] == IGNORE_INDEX).all()  # padding
     if family == "paligemma":  # the suffix is causal: marked with token type 1
         assert (batch["token_type_ids"][labels != IGNORE_INDEX] == 1).all()
-    loss = model(**{k: v for k, v in batch.items() if torch.is_tensor(v)}).loss
+    inputs = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    loss = model(**inputs).loss
     assert torch.isfinite(loss)
+    assert report_token_loss(model, inputs).item() == pytest.approx(loss.item(), rel=1e-5)  # logits for the report tokens only
 
 
 @each_family

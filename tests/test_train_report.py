@@ -8,6 +8,7 @@ import torch
 import yaml
 from peft import PeftModel
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import write_dicom
@@ -93,3 +94,13 @@ def test_report_reads_dicom_like_the_same_png(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["images"][0].rsplit("/", 1)[1] for r in rows] == ["a.dcm", "b.png"]
     assert rows[0]["report"] == rows[1]["report"] == from_dicom  # MONOCHROME1 DICOM reads like the same PNG
+
+
+def test_first_run_on_a_new_machine_trains_like_later_runs(tmp_path, monkeypatch):
+    """Building the built-in base (only the first run does) draws random numbers; the LoRA starts from the seed regardless."""
+    monkeypatch.setenv("MEDFM_HOME", str(tmp_path / "fresh-home"))
+    adapters = [tmp_path / "cold", tmp_path / "warm"]
+    for adapter in adapters:
+        run("llava", adapter, "--num_validation_samples", 0)
+    cold, warm = (load_file(adapter / "adapter_model.safetensors") for adapter in adapters)
+    assert cold.keys() == warm.keys() and all(torch.equal(cold[name], warm[name]) for name in cold)

@@ -8,6 +8,7 @@ fit `max_length`, so image tokens always match the image features.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..models.vlm import VLMFamily, answer_prefix, build_prompt
 from .reports import truncate_to_tokens
@@ -33,6 +34,18 @@ def encode_prompts(processor, family: VLMFamily, instructions: list[str], images
         tokenizer.padding_side = side
     encoded.pop("labels", None)  # PaliGemma's processor adds all -100 labels when no suffix is given
     return encoded
+
+
+def report_token_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over the report tokens (the collator's `labels`), the same value as the model's own
+    loss, but with the output layer applied from the first report position on only: over the prompt's image tokens it
+    would cost most of the step (a real VLM: ~1,000 image tokens times a 150k vocabulary, in float32)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    first = max(int((labels != IGNORE_INDEX).int().argmax(dim=1).min()), 1)  # the earliest report token in the batch
+    logits = model(**inputs, logits_to_keep=labels.shape[1] - first + 1).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, first:].reshape(-1).to(logits.device),
+                           ignore_index=IGNORE_INDEX)
 
 
 def end_token_id(model) -> int:

@@ -176,7 +176,7 @@ _IDEFICS3_CHAT_TEMPLATE = (
 
 
 def _tiny_llava() -> tuple[LlavaConfig, LlavaProcessor]:
-    """llava-1.5 shape: CLIP ViT (CLS dropped) -> 2-layer MLP projector -> Llama; one `<image>` becomes 16 tokens."""
+    """llava-1.5 shape: CLIP ViT (CLS dropped) -> 2-layer MLP projector -> Llama; one `<image>` becomes 64 tokens."""
     tokenizer = _tiny_tokenizer(
         ["<image>"], bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", add_bos_token=True
     )

@@ -67,7 +67,7 @@ class LoRARecipe:
             # `accelerate launch` sets OMP_NUM_THREADS=1 for CPU runs; with a single process that idles the other cores.
             torch.set_num_threads(os.cpu_count() or 1)
             logger.info(f"Single CPU process: using {torch.get_num_threads()} threads")
-        set_seed(cfg.seed)  # LoRA initialisation
+        set_seed(cfg.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
     def _setup_hub(self) -> None:

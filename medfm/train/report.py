@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import set_seed
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
-from ..data.report_batches import ReportCollator, end_token_id, full_instruction
+from ..data.report_batches import ReportCollator, end_token_id, full_instruction, report_token_loss
 from ..data.studies import ReportStudyDataset, load_studies
 from ..eval.report_metrics import quick_report_metrics
 from ..generate import generate_reports
@@ -45,6 +46,7 @@ class ReportLoRARecipe(LoRARecipe):
         modules_to_save = list(cfg.modules_to_save or []) + (list(self.family.projector_modules) if cfg.train_projector else [])
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, lora_dropout=cfg.lora_dropout, target_modules=target,
                           modules_to_save=modules_to_save or None, task_type="CAUSAL_LM")
+        set_seed(cfg.seed)  # LoRA initialisation, the same whether or not resolving a built-in base above built it (drawing)
         self.model = get_peft_model(model, lora)
         cast_training_params(self.model, dtype=torch.float32)  # LoRA (and projector) weights train in fp32
         if not cfg.load_in_4bit:
@@ -93,13 +95,13 @@ class ReportLoRARecipe(LoRARecipe):
 
     # ------------------------------------------------------------------------------------------------ train
     def training_step(self, batch: dict) -> torch.Tensor:
-        """Next-token loss on the report tokens (everything else is labelled -100 by the collator)."""
+        """Next-token loss on the report tokens (everything else is labelled -100 by the collator), logits for those only."""
         self.truncated_rows.update(batch.pop("truncated_rows"))
         batch.pop("num_examples")
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.weight_dtype)
-        return self.model(**inputs).loss
+        return report_token_loss(self.model, inputs)
 
     # ------------------------------------------------------------------------------------------------ outputs
     def _run_validation(self) -> dict | None:

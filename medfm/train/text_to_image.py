@@ -44,7 +44,7 @@ class TextToImageLoRARecipe(LoRARecipe):
 
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
-        set_seed(cfg.seed)  # LoRA initialisation: building a built-in base above draws from the global generator
+        set_seed(cfg.seed)  # LoRA initialisation, the same whether or not loading a built-in base above built it (drawing)
         attach_lora(self.unet, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
         if cfg.train_text_encoder:
             attach_lora(self.text_encoder, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.text_encoder_target_modules)

@@ -1,6 +1,6 @@
 """Rebuild the small adapters shipped in adapters/ (listed in adapters/index.yaml) from the built-in bases and phantoms.
 
-    python adapters/build.py                         # both adapters (about 4 + 6 minutes on 2 CPU cores)
+    python adapters/build.py                         # both adapters (about 4 + 16 minutes on 2 CPU cores)
     python adapters/build.py phantom-report          # one of them
     python adapters/build.py --max_train_steps 100   # flags after the names go to the recipe: a quicker, weaker build
 

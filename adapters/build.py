@@ -16,10 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-from medfm.models.shipped import pinned_name
-
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"phantom-text-to-image": "recipes/configs/demo-text-to-image.yaml", "phantom-report": "recipes/configs/demo-report.yaml"}
 
@@ -33,24 +29,6 @@ def train(name: str, recipe_flags: list[str]) -> Path:
     print("+", " ".join(command[2:]), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
     return output_dir
-
-
-def name_builtin_base(output_dir: Path, recipe: str) -> None:
-    """Write the recipe's `builtin:` base name, pinned to the shipped weights, where training recorded the local folder.
-
-    Training records the folder a built-in base was materialised in (under $MEDFM_HOME, machine-specific);
-    a shipped adapter must name the built-in so that it resolves on any machine, and its weights' fingerprint so that
-    new base weights make it fail loudly instead of loading onto weights it was not trained on.
-    """
-    with open(REPO / recipe, encoding="utf-8") as f:
-        builtin = pinned_name(yaml.safe_load(f)["pretrained_model_name_or_path"])
-    with open(output_dir / "training_config.yaml", encoding="utf-8") as f:
-        local = yaml.safe_load(f)["pretrained_model_name_or_path"]
-    if local == builtin:
-        return
-    for path in output_dir.rglob("*"):
-        if path.suffix in (".yaml", ".json", ".md") and local in (text := path.read_text(encoding="utf-8")):
-            path.write_text(text.replace(local, builtin), encoding="utf-8")
 
 
 def trim(output_dir: Path) -> None:
@@ -76,7 +54,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"build.py: unknown adapter(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     for name in names:
         output_dir = train(name, recipe_flags)
-        name_builtin_base(output_dir, RECIPES[name])
         trim(output_dir)
         size = sum(p.stat().st_size for p in output_dir.rglob("*") if p.is_file())
         print(f"{output_dir.relative_to(REPO)}: {size / 1e6:.1f} MB")

@@ -37,8 +37,8 @@ trained with [medfm](https://github.com/medfm/medfm) on {data}.
 ```python
 import torch
 from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{base}", safety_checker=None)
+{base_import}
+pipe = StableDiffusionPipeline.from_pretrained({base_expression}, safety_checker=None)
 pipe.load_lora_weights("{adapter}")
 image = pipe("{prompt}", generator=torch.Generator().manual_seed(0)).images[0]
 image.save("radiograph.png")
@@ -95,8 +95,8 @@ import torch
 from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{base}"), "{adapter}").eval()
+{base_import}
+model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained({base_expression}), "{adapter}").eval()
 processor = AutoProcessor.from_pretrained("{adapter}")
 {prompt_code}
 inputs = processor(text=[prompt], images=[[Image.open("chest_xray.png").convert("RGB")]], return_tensors="pt")
@@ -161,6 +161,21 @@ def _adapter_reference(config: TrainConfig) -> str:
     return config.hub_model_id if config.push_to_hub and config.hub_model_id else config.output_dir
 
 
+def _base_link(base: str) -> str:
+    if base.startswith("builtin:"):
+        return "https://github.com/medfm/medfm#built-in-bases"
+    return f"https://huggingface.co/{base}" if _is_hub_id(base) else base
+
+
+def _base_in_code(base: str, resolver: str) -> dict[str, str]:
+    """The card code's base: a Hub id or folder as is; medfm's built-in bases through `resolver`, which writes them to a folder."""
+    if base.startswith("builtin:"):
+        module, _, function = resolver.rpartition(".")
+        return {"base_import": f"from {module} import {function}  # {base} is medfm's built-in base: this writes it to a folder\n",
+                "base_expression": f'{function}("{base}")'}
+    return {"base_import": "", "base_expression": f'"{base}"'}
+
+
 def _card_data(config: TrainConfig, base: str, library: str, pipeline_tag: str, tags: list[str], results: dict) -> ModelCardData:
     name = _adapter_reference(config)
     return ModelCardData(
@@ -182,7 +197,8 @@ def write_text_to_image_card(directory: str | Path, config: TrainConfig, base: s
         card_data=_card_data(config, base, "diffusers", "text-to-image", TEXT_TO_IMAGE_TAGS, results).to_yaml(),
         title=f"{Path(config.output_dir).name}: radiograph LoRA",
         base=base,
-        base_link=f"https://huggingface.co/{base}" if _is_hub_id(base) else base,
+        base_link=_base_link(base),
+        **_base_in_code(base, "medfm.models.diffusion.resolve_base"),
         data=_data_description(config),
         adapter=_adapter_reference(config),
         prompt=config.validation_prompt[0] if config.validation_prompt else "Large right pleural effusion.",
@@ -216,7 +232,7 @@ def write_report_card(directory: str | Path, config: TrainConfig, base: str, fam
     content = REPORT_CARD_TEMPLATE.format(
         card_data=_card_data(config, base, "peft", "image-text-to-text", REPORT_TAGS, results).to_yaml(),
         title=f"{Path(config.output_dir).name}: radiology report LoRA", base=base,
-        base_link=f"https://huggingface.co/{base}" if _is_hub_id(base) else base, family=family, section=config.report_section,
+        base_link=_base_link(base), **_base_in_code(base, "medfm.models.vlm.resolve_vlm"), family=family, section=config.report_section,
         data=_data_description(config), adapter=_adapter_reference(config), prompt_code=prompt_code, validation=validation,
         evaluation=_evaluation_section(results), data_section=_data_section(config),
         hyperparameters=_hyperparameter_rows(config, REPORT_CARD_HYPERPARAMETERS), num_studies=num_studies, num_bad=num_bad,

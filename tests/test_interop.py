@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from medfm.cli import main as medfm
 from medfm.data.phantom import make_phantom, write_phantom_dataset
 from medfm.data.report_batches import encode_prompts
-from medfm.generate import load_report_model
+from medfm.generate import base_of_adapter, load_report_model, text_to_image_base
 from medfm.models.diffusion import load_pipeline
 from medfm.models.vlm import load_vlm
 from recipes.train_lora import main as train
@@ -37,12 +37,6 @@ def images(pipe_path, lora=None):
     return pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images, pipe
 
 
-def base_of(adapter):
-    import yaml
-
-    return yaml.safe_load((adapter / "training_config.yaml").read_text())["pretrained_model_name_or_path"]
-
-
 def test_kohya_export_loads_through_diffusers_kohya_converter_with_identical_images(text_to_image_adapter, tmp_path, capsys):
     target = tmp_path / "cxr_kohya.safetensors"
     medfm(["export", str(text_to_image_adapter), "--format", "kohya", "--output", str(target)])
@@ -53,7 +47,7 @@ def test_kohya_export_loads_through_diffusers_kohya_converter_with_identical_ima
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in weights
     assert float(weights["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.alpha"]) == 8.0
 
-    base = base_of(text_to_image_adapter)
+    base = text_to_image_base(text_to_image_adapter, None)
     plain, _ = images(base)
     medfm_format, _ = images(base, text_to_image_adapter)
     kohya, pipe = images(base, target)
@@ -72,8 +66,8 @@ def test_merged_pipeline_equals_base_plus_adapter(text_to_image_adapter, tmp_pat
     assert (tmp_path / "merged" / "model_index.json").is_file()
     merged, pipe = images(tmp_path / "merged")
     assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
-    with_adapter, _ = images(base_of(text_to_image_adapter), text_to_image_adapter)
-    plain, _ = images(base_of(text_to_image_adapter))
+    with_adapter, _ = images(text_to_image_base(text_to_image_adapter, None), text_to_image_adapter)
+    plain, _ = images(text_to_image_base(text_to_image_adapter, None))
     assert np.abs(merged - with_adapter).max() < 1e-3 < np.abs(with_adapter - plain).max()
 
 
@@ -99,7 +93,7 @@ def test_merged_report_model_equals_base_plus_adapter(report_adapter, tmp_path):
     with_adapter = report_logits(*load_report_model(str(report_adapter), device="cpu"))
     merged_model, processor, family = load_vlm(str(tmp_path / "merged"))
     merged = report_logits(merged_model.eval(), processor, family)
-    plain_model, _, _ = load_vlm(base_of(report_adapter))
+    plain_model, _, _ = load_vlm(base_of_adapter(report_adapter))
     plain = report_logits(plain_model.eval(), processor, family)
     assert torch.allclose(merged, with_adapter, atol=1e-4)
     assert (with_adapter - plain).abs().max() > 1e-3

@@ -18,6 +18,7 @@ from medfm.data.phantom import make_phantom, write_phantom_dataset
 from medfm.hub import write_report_card, write_text_to_image_card
 from medfm.lora import attach_lora, save_lora_adapter
 from medfm.models.diffusion import load_diffusion_components, resolve_base
+from medfm.models.shipped import pinned_name
 from medfm.models.vlm import load_vlm, resolve_vlm
 
 DESCRIPTION = "MIMIC-CXR-JPG 2.0.0 frontal views, impression sections, official train split."
@@ -65,9 +66,12 @@ def test_text_to_image_card_is_complete_and_its_snippet_runs(text_to_image_folde
 
 
 @pytest.mark.slow
-def test_report_card_snippet_runs(tmp_path):
-    base = resolve_vlm("builtin:tiny-llava")
-    model, processor, family = load_vlm(base)
+@pytest.mark.parametrize("named", ["folder", "built-in name"])
+def test_report_card_snippet_runs(named, tmp_path):
+    """As a user copies it: from a base folder, and from medfm's built-in base, which plain transformers cannot resolve."""
+    folder_base = resolve_vlm("builtin:tiny-llava")
+    base = folder_base if named == "folder" else pinned_name("builtin:tiny-llava")
+    model, processor, family = load_vlm(folder_base)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=family.language_model_pattern, task_type="CAUSAL_LM"))
     config = TrainConfig(task="report", output_dir="report-lora", pretrained_model_name_or_path=base, dataset_description=DESCRIPTION)
     folder = tmp_path / "report-lora"
@@ -78,6 +82,7 @@ def test_report_card_snippet_runs(tmp_path):
     assert "library_name: peft" in text and DESCRIPTION in text and "## Evaluation" in text and "| bleu4 | 0.1000 |" in text
     Image.fromarray(np.round(make_phantom(2, 128)[0] * 255).astype(np.uint8)).save(tmp_path / "chest_xray.png")
     code = python_block(text).replace("max_new_tokens=256", "max_new_tokens=4")
+    assert ("resolve_vlm(" in code) == (named == "built-in name")
     result = run_snippet(code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()  # the report it wrote

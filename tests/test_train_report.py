@@ -15,7 +15,8 @@ from conftest import write_dicom
 from medfm.cli import main as medfm
 from medfm.config import BUILTIN_BASE_RECIPES, BUILTIN_TINY_VLM
 from medfm.data.phantom import make_phantom
-from medfm.models.vlm import BUILTIN_TINY_VLMS, VLM_FAMILIES
+from medfm.models.shipped import pinned_name
+from medfm.models.vlm import BUILTIN_TINY_VLMS, VLM_FAMILIES, resolve_vlm
 from recipes.train_lora import main as train
 
 pytestmark = pytest.mark.slow
@@ -31,8 +32,8 @@ def run(family, output_dir, *extra):
 
 
 def plain_peft_report(adapter, image_path, instruction, family):
-    """What a user without medfm does, following the model card."""
-    base = yaml.safe_load((adapter / "training_config.yaml").read_text())["pretrained_model_name_or_path"]
+    """What a user does following the model card: plain transformers + peft, medfm only to write its built-in base to a folder."""
+    base = resolve_vlm(yaml.safe_load((adapter / "training_config.yaml").read_text())["pretrained_model_name_or_path"])
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), str(adapter)).eval()
     processor = AutoProcessor.from_pretrained(str(adapter))
     if family == "paligemma":
@@ -104,3 +105,8 @@ def test_first_run_on_a_new_machine_trains_like_later_runs(tmp_path, monkeypatch
         run("llava", adapter, "--num_validation_samples", 0)
     cold, warm = (load_file(adapter / "adapter_model.safetensors") for adapter in adapters)
     assert cold.keys() == warm.keys() and all(torch.equal(cold[name], warm[name]) for name in cold)
+    # the adapter names the built-in base, pinned to its weights, not the folder it was written to on this machine
+    pinned = pinned_name(BUILTIN_TINY_VLM)
+    assert yaml.safe_load((adapters[0] / "training_config.yaml").read_text())["pretrained_model_name_or_path"] == pinned
+    assert json.loads((adapters[0] / "adapter_config.json").read_text())["base_model_name_or_path"] == pinned
+    assert f'resolve_vlm("{pinned}")' in (adapters[0] / "README.md").read_text()

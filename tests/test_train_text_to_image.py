@@ -8,16 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import write_dicom
 from medfm.cli import main as medfm
+from medfm.config import BUILTIN_TINY_SD
 from medfm.data.pairs import BadRowError
 from medfm.data.phantom import make_phantom, write_phantom_dataset
 from medfm.lora import LORA_WEIGHTS_NAME, attach_lora, load_lora_adapter
-from medfm.models.diffusion import build_tiny_sd_pipeline, load_diffusion_components
+from medfm.models.diffusion import build_tiny_sd_pipeline, load_diffusion_components, resolve_base
+from medfm.models.shipped import pinned_name
 from recipes.train_lora import main as train
 
 pytestmark = pytest.mark.slow
@@ -33,6 +36,10 @@ def fast(data_dir, output_dir, *extra):
     return ["--train_data_dir", str(data_dir), "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "4",
             "--validation_prompt", PROMPT, "--num_validation_images", "1", "--validation_inference_steps", "2",
             "--report_to", "none", *map(str, extra)]
+
+
+def recorded_base(adapter) -> str:
+    return yaml.safe_load((adapter / "training_config.yaml").read_text())["pretrained_model_name_or_path"]
 
 
 def plain_diffusers_images(base, adapter=None, **kwargs):
@@ -51,8 +58,9 @@ def test_adapter_folder_loads_in_plain_diffusers_and_generate_matches_it(phantom
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "pipeline_tag: text-to-image" in card
     assert all(tag in card for tag in ("- lora", "- medical", "- radiology")) and "load_lora_weights" in card
-    base = str(Path(__import__("yaml").safe_load((out / "training_config.yaml").read_text())["pretrained_model_name_or_path"]))
-    assert Path(base, "model_index.json").is_file()
+    recorded = recorded_base(out)
+    assert recorded == pinned_name(BUILTIN_TINY_SD) and f'resolve_base("{recorded}")' in card  # portable, not this machine's folder
+    base = resolve_base(recorded)
 
     before = np.asarray(plain_diffusers_images(base)[0], dtype=np.int16)
     after = np.asarray(plain_diffusers_images(base, str(out))[0], dtype=np.int16)
@@ -91,8 +99,7 @@ def test_text_encoder_lora_round_trip(phantoms, tmp_path):
     train(fast(phantoms, tmp_path, "--max_train_steps", 8, "--learning_rate", 1e-2, "--train_text_encoder", "--rank", 8, "--lora_alpha", 16))
     weights = load_file(tmp_path / LORA_WEIGHTS_NAME)
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
-    base = __import__("yaml").safe_load((tmp_path / "training_config.yaml").read_text())["pretrained_model_name_or_path"]
-
+    base = resolve_base(recorded_base(tmp_path))
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
     ids = pipe.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():

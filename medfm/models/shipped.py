@@ -34,6 +34,15 @@ def pinned_name(builtin: str) -> str:
     return f"{builtin}@{shipped_fingerprint(builtin.removeprefix('builtin:'))}"
 
 
+def recorded_base_name(name_or_path: str, resolved: str) -> str:
+    """The base an adapter records (training_config.yaml, model card, adapter_config.json): a built-in name, pinned to the
+    shipped weights where there are some (it resolves on any machine, and refuses other weights); else what was loaded."""
+    if not name_or_path.startswith("builtin:"):
+        return resolved
+    builtin = name_or_path.partition("@")[0]
+    return pinned_name(builtin) if shipped_path(builtin.removeprefix("builtin:")).exists() else builtin
+
+
 def unpinned_name(name: str, shipped: str | None) -> str:
     """`builtin:<name>[@<fingerprint>]` -> `builtin:<name>`, after checking that a pinned fingerprint is the shipped file's."""
     builtin, _, pin = name.partition("@")

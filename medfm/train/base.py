@@ -24,6 +24,7 @@ from ..config import TrainConfig, save_config
 from ..data.pairs import BadRow, Quarantine
 from ..hub import EVAL_RESULTS_NAME, create_hub_repo, push_adapter
 from ..lora import lora_parameters
+from ..models.shipped import recorded_base_name
 from .checkpoints import TrainingProgress, find_checkpoint, prune_checkpoints
 
 logger = get_logger(__name__)
@@ -249,7 +250,7 @@ class LoRARecipe:
             self._save_adapter_weights()
             validation = self.validate()
             self.quarantine.write(self.output_dir / "bad_rows.jsonl")
-            resolved = TrainConfig(**{**self.config.to_dict(), "pretrained_model_name_or_path": self.base, "resume_from_checkpoint": None})
+            resolved = TrainConfig(**{**self.config.to_dict(), "pretrained_model_name_or_path": self.recorded_base, "resume_from_checkpoint": None})
             save_config(resolved, self.output_dir / "training_config.yaml")
             (self.output_dir / EVAL_RESULTS_NAME).unlink(missing_ok=True)  # evaluations of an earlier adapter in this folder no longer apply
             self._write_model_card(resolved, validation)
@@ -257,6 +258,11 @@ class LoRARecipe:
             if self.config.push_to_hub:
                 print(f"Pushed to {push_adapter(self.output_dir, self.config.hub_model_id, self.config.hub_private)}")
         return self.output_dir
+
+    @property
+    def recorded_base(self) -> str:
+        """The base as the adapter names it: built-in bases by their (pinned) name, not the folder they were written to here."""
+        return recorded_base_name(self.config.pretrained_model_name_or_path, self.base)
 
     def _save_adapter_weights(self) -> None:
         raise NotImplementedError

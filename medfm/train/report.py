@@ -132,11 +132,13 @@ class ReportLoRARecipe(LoRARecipe):
         return metrics
 
     def _save_adapter_weights(self) -> None:
-        """PEFT adapter (adapter_model.safetensors + adapter_config.json) and the processor."""
-        self.accelerator.unwrap_model(self.model).save_pretrained(self.output_dir)
+        """PEFT adapter (adapter_model.safetensors + adapter_config.json naming the base) and the processor."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.peft_config["default"].base_model_name_or_path = self.recorded_base
+        model.save_pretrained(self.output_dir)
         self.processor.save_pretrained(self.output_dir)
         logger.info(f"{len(self.truncated_rows)} reports were cut to fit --max_length")
 
     def _write_model_card(self, resolved: TrainConfig, validation: dict | None) -> None:
-        write_report_card(self.output_dir, resolved, self.base, self.family.name, num_studies=len(self.dataset),
+        write_report_card(self.output_dir, resolved, resolved.pretrained_model_name_or_path, self.family.name, num_studies=len(self.dataset),
                           num_bad=len(self.quarantine.rows), num_truncated=len(self.truncated_rows), metrics=validation)

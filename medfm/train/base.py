@@ -271,4 +271,7 @@ class LoRARecipe:
         raise NotImplementedError
 
     def cleanup(self) -> None:
+        """Trackers closed and the process group destroyed once every process is done: a process tearing the group down
+        while the main one still validated and wrote the adapter aborted now and then (2-process CPU runs)."""
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

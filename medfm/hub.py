@@ -185,9 +185,10 @@ def _card_data(config: TrainConfig, base: str, library: str, pipeline_tag: str, 
     )
 
 
-def write_text_to_image_card(directory: str | Path, config: TrainConfig, base: str, num_pairs: int, num_bad: int,
+def write_text_to_image_card(directory: str | Path, config: TrainConfig, num_pairs: int, num_bad: int,
                              validation_image: str | None = None) -> ModelCard:
-    """Write README.md for a text-to-image adapter folder and return the card."""
+    """Write README.md for a text-to-image adapter folder (its base: the one `config` records) and return the card."""
+    base = config.pretrained_model_name_or_path
     results = read_eval_results(directory)
     validation = ""
     if validation_image:
@@ -216,9 +217,10 @@ def write_text_to_image_card(directory: str | Path, config: TrainConfig, base: s
     return card
 
 
-def write_report_card(directory: str | Path, config: TrainConfig, base: str, family: str, num_studies: int, num_bad: int,
+def write_report_card(directory: str | Path, config: TrainConfig, family: str, num_studies: int, num_bad: int,
                       num_truncated: int, metrics: dict | None = None) -> ModelCard:
-    """Write README.md for a report-generation (PEFT) adapter folder and return the card."""
+    """Write README.md for a report-generation (PEFT) adapter folder (its base: the one `config` records) and return the card."""
+    base = config.pretrained_model_name_or_path
     results = read_eval_results(directory)
     if family == "paligemma":
         prompt_code = f'prompt = "<image>" + {config.instruction!r}'

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -259,9 +260,10 @@ class LoRARecipe:
                 print(f"Pushed to {push_adapter(self.output_dir, self.config.hub_model_id, self.config.hub_private)}")
         return self.output_dir
 
-    @property
+    @cached_property
     def recorded_base(self) -> str:
-        """The base as the adapter names it: built-in bases by their (pinned) name, not the folder they were written to here."""
+        """The base as the adapter names it: built-in bases by their (pinned) name, not the folder they were written to here
+        (pinning hashes the shipped weights: once per run)."""
         return recorded_base_name(self.config.pretrained_model_name_or_path, self.base)
 
     def _save_adapter_weights(self) -> None:

@@ -228,5 +228,5 @@ class TextToImageLoRARecipe(LoRARecipe):
         save_lora_adapter(self.output_dir, unet, text_encoder)
 
     def _write_model_card(self, resolved: TrainConfig, validation: Path | None) -> None:
-        write_text_to_image_card(self.output_dir, resolved, resolved.pretrained_model_name_or_path, num_pairs=len(self.dataset),
-                                 num_bad=len(self.quarantine.rows), validation_image=validation.relative_to(self.output_dir).as_posix() if validation else None)
+        write_text_to_image_card(self.output_dir, resolved, num_pairs=len(self.dataset), num_bad=len(self.quarantine.rows),
+                                 validation_image=validation.relative_to(self.output_dir).as_posix() if validation else None)

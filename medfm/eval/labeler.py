@@ -1,9 +1,13 @@
 """A rule-based labeler for the 14 CheXpert observations: positive (1), negative (0), uncertain (-1), not mentioned (None).
 
 Hand-written because no maintained pip package does it offline (the CheXpert labeler needs NegBio + a
-parser; CheXbert needs a model download). It follows their logic: find mentions per sentence, decide each
-mention's polarity from negation / uncertainty cues in its clause, then aggregate per report
-(positive > uncertain > negative). "No Finding" is 1 when no pathology is positive or uncertain.
+parser; CheXbert needs a model download). It follows the CheXpert labeler's logic with medfm's own rules: find
+mentions per sentence (skipping "unmentions" such as "pericardial effusion" or "calcified nodule"), decide each
+mention's polarity from negation / uncertainty cues in its clause, then aggregate per report (positive > uncertain >
+negative). Anatomy that is only described ("heart size", "the mediastinum", "cardiomediastinal silhouette") counts
+only with a predicate: enlarged / widened -> 1, borderline / obscured -> -1, normal / stable / unchanged -> 0.
+"No Finding" is 1 when no pathology, nor any other finding CheXpert lists (emphysema, granuloma, scoliosis, ...),
+is positive or uncertain. Conventions are listed in the README (Evaluation, Labeler).
 """
 
 from __future__ import annotations
@@ -13,81 +17,185 @@ import re
 from ..data.phantom import CHEXPERT_LABELS
 from ..data.reports import split_sentences
 
+# Finding mentions: their polarity comes from negation / uncertainty cues.
 MENTIONS = {
-    "Enlarged Cardiomediastinum": r"(?:widen\w*|enlarg\w*|prominen\w*) (?:of the )?(?:cardio)?mediast\w*|mediastinal widening"
-                                  r"|(?:cardio)?mediastin\w* (?:silhouette |contours? )?(?:is |are |appears? )?(?:\w+ )?(?:widened|enlarged|prominent)"
-                                  r"|cardiomediastinal (?:silhouette|contours?)",
-    "Cardiomegaly": r"cardiomegaly|enlarg\w* (?:of )?(?:the )?(?:heart|cardiac silhouette)|heart size|(?:heart|cardiac silhouette) (?:is |appears )?"
-                    r"(?:\w+ )?(?:enlarged|large)|enlarged heart|cardiac enlargement|cardiac (?:size|contour|shadow)"
-                    r"|cardiomediastinal (?:silhouette|contours?)",
-    "Lung Opacity": r"opacit\w*|infiltrat\w*|air ?space (?:disease|opacit\w*)|haz(?:y|iness)|densit(?:y|ies)",
-    "Lung Lesion": r"nodul\w*|mass(?:es)?\b|lesions?|tumou?rs?|neoplasm\w*|carcinoma",
-    "Edema": r"edema|oedema|(?:vascular|pulmonary) congestion|fluid overload|vascular engorgement",
+    "Enlarged Cardiomediastinum": r"mediastinal (?:widening|enlargement)|widening of the (?:superior )?mediastinum",
+    "Cardiomegaly": r"cardiomegaly|cardiac enlargement",
+    "Lung Opacity": r"opaci\w*|infiltrat\w*|air[- ]?space (?:disease|opacit\w*)|haz(?:y|iness)|densit(?:y|ies)|ground[- ]glass"
+                    r"|interstitial (?:markings?|pattern|opacit\w*|prominence|lung disease|disease)|reticula\w*"
+                    r"|scar(?:s|ring)?|(?:peribronchial|bronchial wall) thickening",
+    "Lung Lesion": r"nodul(?:e|es|ar opacit\w*|ar densit\w*)\b|mass(?:es)?\b|(?<!lytic )(?<!sclerotic )(?<!blastic )(?<!osseous )(?<!bony )"
+                   r"(?<!bone )(?<!skin )lesions?|tumou?rs?|neoplasm\w*|carcinoma|lump",
+    "Edema": r"o?edema|(?:vascular|pulmonary|venous) congestion|fluid overload|vascular engorgement|heart failure|\bchf\b"
+             r"|vascular (?:prominence|indistinctness)|indistinctness",
     "Consolidation": r"consolidat\w*",
-    "Pneumonia": r"pneumoni\w*|infectio\w*|infectious process",
-    "Atelectasis": r"atelecta\w*|collapse",
-    "Pneumothorax": r"pneumothora\w*|\bptx\b",
-    "Pleural Effusion": r"(?<!pericardial )effusions?|pleural fluid",
-    "Pleural Other": r"pleural (?:thickening|scarring|plaques?)|fibrothorax|pleural-parenchymal scarring",
+    "Pneumonia": r"pneumonias?|pneumonic|infect\w*",
+    "Atelectasis": r"atelecta\w*|collapse[ds]?",
+    "Pneumothorax": r"pneumothora(?:x|ces)|\bptx\b",
+    "Pleural Effusion": r"(?<!pericardial )effusions?|pleural fluid|hydrothorax",
+    "Pleural Other": r"pleural (?:thickening|scar\w*|plaques?|calcifications?)|pleural-parenchymal scar\w*|pleuroparenchymal scar\w*"
+                     r"|fibrothorax|fibrosis|fibrotic",
     "Fracture": r"fractur\w*",
-    "Support Devices": r"(?:endotracheal|et|nasogastric|ng|enteric|orogastric|og|feeding|chest|tracheostomy|dobhoff) tubes?|tubes? and lines?"
-                       r"|lines? and tubes?|catheters?|central (?:venous )?line|picc(?: line)?|pacemaker|pacer|pacing (?:device|leads?|wires?)"
-                       r"|defibrillator|\baicd\b|swan[- ]ganz|port-?a-?cath|stents?|sternotomy wires|drains?|support devices?",
+    "Support Devices": r"tubes?|(?<!pleural )(?<!kerley b )(?<!septal )(?<!fold )(?<!skin )lines?|catheters?|picc|pacemakers?|pacers?|pacing"
+                       r"|defibrillators?|\ba?icd\b|swan[- ]ganz|port-?a-?cath|mediport|(?:chest|power|infusion) port|\bport\b|stents?|drains?"
+                       r"|hardware|arthroplast\w*|plates?(?![- ]?like)|screws?|cannula|coils?|devices?|\becmo\b|impella|balloon pump|\biabp\b|\blvad\b"
+                       r"|(?:prosthetic|mechanical|bioprosthetic|artificial) (?:\w+ )?valves?|valve (?:replacement|prosthesis)",
 }
-MENTION_PATTERNS = {label: re.compile(rf"\b(?:{pattern})", re.I) for label, pattern in MENTIONS.items()}
+# Phrases that contain a mention but are not one (CheXpert's "unmention" idea).
+UNMENTIONS = {
+    "Lung Lesion": r"calcified (?:\w+ )?nodul\w*|massive|mass effect",
+    "Lung Opacity": r"pleural scar\w*|pleural-parenchymal scar\w*|pleuro-?parenchymal scar\w*",
+    "Edema": r"heart failure (?:clinic|service)",
+}
+# Anatomy that is only described: it counts when a predicate says how it looks.
+ANATOMY = {
+    ("Cardiomegaly",): r"heart(?: size)?|cardiac (?:and mediastinal )?(?:silhouettes?|size|contours?|shadow|outline)",
+    ("Enlarged Cardiomediastinum",): r"mediastinum|mediastinal (?:silhouettes?|contours?|structures|width|configuration)",
+    ("Cardiomegaly", "Enlarged Cardiomediastinum"): r"cardiomediastinal (?:silhouettes?|contours?)|cardiomediastinum",
+}
+ANATOMY_UNMENTIONS = r"heart (?:border|failure|valve)|(?:right|left) heart|(?:over(?:lying)?|in|behind|projecting over|projects over|within) the (?:heart|cardiac)"
+ABNORMAL = r"enlarg\w*|large|increas\w*|prominen\w*|widen\w*|cardiomegaly"
+NORMAL = r"not (?:\w+ )?(?:enlarged|widened|increased)|no longer (?:enlarged|widened)|upper limits? of normal|(?:top|upper)[- ]normal|normal|unremarkable|stable|similar"
+UNCERTAIN_SIZE = r"borderline|obscur\w*|difficult to (?:assess|evaluate)|(?:cannot|can not|not) be (?:assessed|evaluated)|poorly (?:assessed|evaluated)" \
+                 r"|not (?:well )?(?:assessed|evaluated|visualized)|indeterminate"
+PREDICATE = re.compile(rf"\b(?:(?P<normal>{NORMAL})|(?P<uncertain>{UNCERTAIN_SIZE})|(?P<abnormal>{ABNORMAL}))\b")
+NO_BEFORE = re.compile(r"\b(?:no|not|without)\W+(?:\w+\W+)?$")
+HEDGE = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|likely|questionabl[ey]|suspect\w*|borderline|equivocal)\b|\?")
+
+# Findings outside the 14 that still mean the study is not normal (CheXpert's no_finding phrase list, plus tortuous aorta).
+OTHER_FINDINGS = (r"emphysema\w*|hyperinfla\w*|hyperexpan\w*|\bcopd\b|bullae|bullous|blunt\w*|elevat\w*|eventration|scoliosis|kyphosis|kyphoscoliosis"
+                  r"|degenerat\w*|spondylo\w*|osteophyt\w*|calcifi\w*|granulom\w*|hernia|atherosclero\w*|osteopenia|metasta\w*|pneumomediastinum"
+                  r"|pneumoperitoneum|cephalization|aspiration|contusion|bronchiectasis|bronchitis|bronchiolitis|airways? disease|cuffing"
+                  r"|hemorrhage|hematoma|deformit\w*|volume loss|tortu\w*|ectatic|ectasia|hypertension|(?<!peribronchial )(?<!wall )thickening"
+                  r"|prominen\w*|inflammat\w*|lucenc\w*|(?:lytic|sclerotic|blastic|osseous|bony|bone) lesions?")
+OTHER = "Other Finding"
+
+# One scan finds every mention; each sits in a lookahead so that overlapping ones ("nodular opacity": lesion and opacity) are all found.
+_KINDS = [((label,), "finding", pattern) for label, pattern in MENTIONS.items()] + [((OTHER,), "finding", OTHER_FINDINGS)] \
+    + [(labels, "anatomy", pattern) for labels, pattern in ANATOMY.items()]
+MENTION_SCAN = re.compile(r"\b(?=" + "|".join(rf"(?P<k{i}>(?:{pattern})\b)" for i, (_, _, pattern) in enumerate(_KINDS)) + ")")
+UNMENTION_PATTERNS = {label: re.compile(rf"\b(?:{pattern})") for label, pattern in UNMENTIONS.items()}
+ANATOMY_UNMENTION = re.compile(rf"\b(?:{ANATOMY_UNMENTIONS})\b")
 PATHOLOGIES = [label for label in CHEXPERT_LABELS if label not in ("No Finding", "Support Devices")]
+OPACITY_CHILD = re.compile(r"o?edema|consolidat|atelecta|collapse")  # CheXpert's hierarchy: these mentions are lung opacities
+HEDGED_MENTION = re.compile(r"vascular prominence|vascular indistinctness|indistinctness")  # CheXpert: at most uncertain edema
+CHF = re.compile(r"heart failure|\bchf\b")  # CheXpert: heart failure also makes Cardiomegaly uncertain
 
-# Cues, matched on lower-cased text. Post cues follow the mention within its clause.
-UNCERTAIN_POST = re.compile(r"can ?not be (?:excluded|ruled out)|not (?:be )?excluded|(?:is|are) not ruled out"
-                            r"|(?:is|are) (?:suspected|possible|questionable|likely|probable|favored)|\?")
-NEGATION_PRE = re.compile(
-    r"\b(?:no|without|negative for|free of|clear of|absence of|resolution of|resolved|rather than|not|normal)\b|\bno longer\b")
+# Cues, matched on lower-cased text. Pre cues precede the mention within its clause; post cues follow it.
+UNCERTAIN_POST = re.compile(r"can ?not be (?:excluded|ruled out)|not (?:be )?(?:entirely |completely )?excluded|(?:is|are) not ruled out"
+                            r"|(?:is|are|was|were) (?:suspected|possible|questionable|likely|probable|favored|a consideration)|could be present|\?")
+UNCERTAIN_POST_WEAK = re.compile(r"^,? (?:or|versus|vs\.?|and/or)\b")  # "atelectasis or pneumonia": both uncertain (CheXpert)
 NEGATION_POST = re.compile(
-    r"\b(?:(?:is|are|has|have) (?:been )?(?:resolved|cleared|removed|absent)|not (?:seen|identified|present|demonstrated|visualized|appreciated)"
-    r"|(?:is|are) (?:not|no longer) (?:seen|present|identified|enlarged|widened)|resolved|normal|within normal limits|unremarkable"
-    r"|top normal|(?:is|are) not enlarged)\b")
-UNCERTAIN_PRE = re.compile(
-    r"\b(?:may|might|could|possibl[ey]|probabl[ey]|likely|suspect\w*|suspicious|suggest\w*|question\w*|equivocal|concern\w* for"
-    r"|cannot exclude|can ?not exclude|differential|versus|vs|rule out|r/o|evaluate for|consider\w*|borderline|vague|indeterminate"
-    r"|obscur\w*|not (?:well )?(?:visualized|assessed)|may represent)\b")
+    r"\b(?:(?:is|are|has|have) (?:now )?(?:been )?(?:resolved|cleared|removed|absent)|not (?:seen|identified|present|demonstrated|visualized|appreciated"
+    r"|evident|detected|noted)|no longer (?:seen|present|visualized|evident|identified|demonstrated|noted)|resolved|removed|within normal limits"
+    r"|(?:is|are) (?:normal|unremarkable)|(?:is|are) not enlarged)\b")
+PRE_WINDOW = 10  # words before a mention that a negation or uncertainty cue reaches ("no consolidation, effusion, or pneumothorax")
+NEGATION_PRE = (r"no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|removal of|rather than"
+                r"|history of|clearing of|disappearance of|rule out|r/o|ruled out")
+UNCERTAIN_PRE = (r"can ?not (?:be )?(?:excluded?|ruled? out)|not exclude|no new|without new|cannot rule out"  # before "no" / "not": they contain them
+                 r"|may|might|could|would|possibl[ey]|probabl[ey]|likely|presum\w*|suspect\w*|(?<!no )suspicious|suspicion|question\w*|equivocal"
+                 r"|concern\w* for|worrisome for|(?<!to )suggest\w*|differential|consider\w*|borderline|vague|indeterminate"
+                 r"|obscur\w*(?! by)|not (?:well )?(?:visualized|assessed)|evaluate for|assess for|correlat\w* (?:clinically )?for|clinical correlation")
+PRE_CUE = re.compile(rf"\b(?:(?P<uncertain>{UNCERTAIN_PRE})|(?P<negation>{NEGATION_PRE}))\b")
+UNCERTAIN_PRE_WEAK = re.compile(r"\b(?:or|versus|vs|and/or)(?: \w+)?\W*$")  # "atelectasis or pneumonia": both uncertain (CheXpert), unless negated
+NEAR_WINDOW = 3  # "normal" negates only what it directly qualifies ("normal heart size", not "normal heart size, and an effusion")
+NEGATION_NEAR = re.compile(r"\b(?:normal|unremarkable)\b")
 # Phrases that carry a cue word but state no negation: "no change in the effusion" still reports an effusion.
-NOT_A_NEGATION = re.compile(r"\bno (?:significant |interval |appreciable |substantial )?change(?: in| of)?\b|\bnot changed\b|\bunchanged\b")
+NOT_A_NEGATION = re.compile(r"\bno (?:significant |interval |appreciable |substantial |definite )?change(?: in| of)?\b|\bnot changed\b|\bunchanged\b")
 # A cue applies within its clause: these words or marks start a new one.
-CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|except|aside from|apart from|which|whereas|while)\b|[;:]|\bwith (?!no\b)")
+CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|except|aside from|apart from|which|whereas|while|otherwise)\b|[;:]|\bwith (?!no\b)"
+                          r"|,? and (?=there\b|the\b|an?\b|is\b|are\b)|, (?=there\b)")
 
 
-def _clause_bounds(sentence: str, start: int, end: int) -> tuple[int, int]:
-    """The clause around a mention at [start, end)."""
-    left = max((m.end() for m in CLAUSE_BREAK.finditer(sentence) if m.end() <= start), default=0)
-    right = min((m.start() for m in CLAUSE_BREAK.finditer(sentence) if m.start() >= end), default=len(sentence))
+def _clause_bounds(breaks: list[tuple[int, int]], length: int, start: int, end: int) -> tuple[int, int]:
+    """The clause around a mention at [start, end), given the sentence's clause breaks."""
+    left = max((b_end for _, b_end in breaks if b_end <= start), default=0)
+    right = min((b_start for b_start, _ in breaks if b_start >= end), default=length)
     return left, right
 
 
-def mention_polarity(sentence: str, start: int, end: int) -> float:
-    """1, 0 or -1 for the mention at [start, end) of a lower-cased, cleaned sentence."""
-    left, right = _clause_bounds(sentence, start, end)
-    before, after = sentence[left:start], sentence[end:right]
+def _last_words(text: str, count: int) -> str:
+    return " ".join(text.split()[-count:]) if count else ""
+
+
+def mention_polarity(sentence: str, start: int, end: int, breaks: list[tuple[int, int]] | None = None) -> float:
+    """1, 0 or -1 for the finding mention at [start, end) of a lower-cased, cleaned sentence."""
+    breaks = [m.span() for m in CLAUSE_BREAK.finditer(sentence)] if breaks is None else breaks
+    left, right = _clause_bounds(breaks, len(sentence), start, end)
+    before, after = _last_words(sentence[left:start], PRE_WINDOW), sentence[end:right]
     if UNCERTAIN_POST.search(after):
         return -1.0
-    if NEGATION_PRE.search(before) or NEGATION_POST.search(after):
+    if NEGATION_NEAR.search(_last_words(before, NEAR_WINDOW)):
         return 0.0
-    return -1.0 if UNCERTAIN_PRE.search(before) else 1.0
+    cues = PRE_CUE.findall(before)
+    if cues:  # the cue nearest the mention wins: "no pneumothorax, possible small effusion"
+        return -1.0 if cues[-1][0] else 0.0
+    if NEGATION_POST.search(after):
+        return 0.0
+    return -1.0 if UNCERTAIN_POST_WEAK.search(after) or UNCERTAIN_PRE_WEAK.search(_last_words(before, 3)) else 1.0
+
+
+def anatomy_polarity(sentence: str, start: int, end: int, breaks: list[tuple[int, int]]) -> float | None:
+    """1, 0 or -1 for described anatomy at [start, end) from its predicate ("heart size is normal"), None without one."""
+    left, right = _clause_bounds(breaks, len(sentence), start, end)
+    before, after = _last_words(sentence[left:start], 5), sentence[end:right]
+    pre = [m for m in PREDICATE.finditer(before)][-1:]  # the nearest predicate on each side: "normal heart size", "heart size is normal"
+    post = [m for m in PREDICATE.finditer(after)][:1]
+    kinds = {m.lastgroup for m in pre + post}
+    if "abnormal" in kinds:
+        if pre and pre[0].lastgroup == "abnormal" and NO_BEFORE.search(before[:pre[0].start()]):
+            return 0.0  # "no enlarged heart"
+        between = after[:post[0].start()] if post else ""
+        return -1.0 if HEDGE.search(before) or HEDGE.search(between) else 1.0
+    if "uncertain" in kinds:
+        return -1.0
+    return 0.0 if "normal" in kinds else None
+
+
+def _overlaps(spans: list[tuple[int, int]], start: int, end: int) -> bool:
+    return any(start < s_end and end > s_start for s_start, s_end in spans)
 
 
 def label_report(report: str) -> dict[str, float | None]:
     """The 14 CheXpert labels of one report."""
-    votes: dict[str, list[float]] = {label: [] for label in CHEXPERT_LABELS}
+    votes: dict[str, list[float]] = {label: [] for label in [*CHEXPERT_LABELS, OTHER]}
+    opacity_child = False
     for sentence in split_sentences(re.sub(r"\s+", " ", report or "").strip()):
         text = NOT_A_NEGATION.sub("stable", sentence.lower())
-        for label, pattern in MENTION_PATTERNS.items():
-            votes[label] += [mention_polarity(text, m.start(), m.end()) for m in pattern.finditer(text)]
+        found = [(int(m.lastgroup[1:]), m.span(m.lastgroup)) for m in MENTION_SCAN.finditer(text)]
+        if not found:
+            continue
+        breaks = [m.span() for m in CLAUSE_BREAK.finditer(text)]
+        unmentions: dict[str, list[tuple[int, int]]] = {}
+        for kind, (start, end) in found:
+            labels, role, _ = _KINDS[kind]
+            unmention = ANATOMY_UNMENTION if role == "anatomy" else UNMENTION_PATTERNS.get(labels[0])
+            if unmention is not None:
+                key = "anatomy" if role == "anatomy" else labels[0]
+                if key not in unmentions:
+                    unmentions[key] = [m.span() for m in unmention.finditer(text)]
+                if _overlaps(unmentions[key], start, end):
+                    continue
+            if role == "anatomy":
+                if (polarity := anatomy_polarity(text, start, end, breaks)) is not None:
+                    for label in labels:
+                        votes[label].append(polarity)
+                continue
+            word = text[start:end]
+            polarity = mention_polarity(text, start, end, breaks)
+            if polarity == 1.0 and HEDGED_MENTION.match(word):
+                polarity = -1.0
+            votes[labels[0]].append(polarity)
+            if polarity != 0.0 and labels[0] == "Edema" and CHF.match(word):
+                votes["Cardiomegaly"].append(-1.0)
+            opacity_child |= polarity == 1.0 and bool(OPACITY_CHILD.match(word))
     labels: dict[str, float | None] = {}
     for label, found in votes.items():
         labels[label] = 1.0 if 1.0 in found else -1.0 if -1.0 in found else 0.0 if found else None
-    for child in ("Consolidation", "Edema", "Atelectasis"):  # CheXpert's hierarchy: these are lung opacities
-        if labels[child] == 1.0 and labels["Lung Opacity"] is None:
-            labels["Lung Opacity"] = 1.0
-    labels["No Finding"] = None if any(labels[p] in (1.0, -1.0) for p in PATHOLOGIES) else 1.0
+    if opacity_child and labels["Lung Opacity"] is None:
+        labels["Lung Opacity"] = 1.0
+    other = labels.pop(OTHER)
+    labels["No Finding"] = None if any(labels[p] in (1.0, -1.0) for p in PATHOLOGIES) or other in (1.0, -1.0) else 1.0
     return labels
 
 

@@ -34,11 +34,11 @@ MENTIONS = {
     "Pneumothorax": r"pneumothora(?:x|ces)|\bptx\b",
     "Pleural Effusion": r"(?<!pericardial )effusions?|pleural fluid|hydrothorax",
     "Pleural Other": r"pleural (?:thickening|scar\w*|plaques?|calcifications?)|pleural-parenchymal scar\w*|pleuroparenchymal scar\w*"
-                     r"|fibrothorax|fibrosis|fibrotic",
+                     r"|fibrothorax|fibrosis|fibrotic|(?<=effusion or )thickening|(?<=effusions or )thickening",
     "Fracture": r"fractur\w*",
     "Support Devices": r"tubes?|(?<!pleural )(?<!kerley b )(?<!septal )(?<!fold )(?<!skin )lines?|catheters?|picc|pacemakers?|pacers?|pacing"
                        r"|defibrillators?|\ba?icd\b|swan[- ]ganz|port-?a-?cath|mediport|(?:chest|power|infusion) port|\bport\b|stents?|drains?"
-                       r"|hardware|arthroplast\w*|plates?(?![- ]?like)|screws?|cannula|coils?|devices?|\becmo\b|impella|balloon pump|\biabp\b|\blvad\b"
+                       r"|tracheostomy|hardware|arthroplast\w*|plates?(?![- ]?like)|screws?|cannula|coils?|devices?|\becmo\b|impella|balloon pump|\biabp\b|\blvad\b"
                        r"|(?:prosthetic|mechanical|bioprosthetic|artificial) (?:\w+ )?valves?|valve (?:replacement|prosthesis)",
 }
 # Phrases that contain a mention but are not one (CheXpert's "unmention" idea).
@@ -50,8 +50,8 @@ UNMENTIONS = {
 # Anatomy that is only described: it counts when a predicate says how it looks.
 ANATOMY = {
     ("Cardiomegaly",): r"heart(?: size)?|cardiac (?:and mediastinal )?(?:silhouettes?|size|contours?|shadow|outline)",
-    ("Enlarged Cardiomediastinum",): r"mediastinum|mediastinal (?:silhouettes?|contours?|structures|width|configuration)",
-    ("Cardiomegaly", "Enlarged Cardiomediastinum"): r"cardiomediastinal (?:silhouettes?|contours?)|cardiomediastinum",
+    ("Enlarged Cardiomediastinum",): r"mediastinum|mediastinal (?:and hilar )?(?:silhouettes?|contours?|structures|width|configuration)",
+    ("Cardiomegaly", "Enlarged Cardiomediastinum"): r"cardio ?mediastinal (?:silhouettes?|contours?)|cardiomediastinum",
 }
 ANATOMY_UNMENTIONS = r"heart (?:border|failure|valve)|(?:right|left) heart|(?:over(?:lying)?|in|behind|projecting over|projects over|within) the (?:heart|cardiac)"
 ABNORMAL = r"enlarg\w*|large|increas\w*|prominen\w*|widen\w*|cardiomegaly"
@@ -67,7 +67,7 @@ OTHER_FINDINGS = (r"emphysema\w*|hyperinfla\w*|hyperexpan\w*|\bcopd\b|bullae|bul
                   r"|degenerat\w*|spondylo\w*|osteophyt\w*|calcifi\w*|granulom\w*|hernia|atherosclero\w*|osteopenia|metasta\w*|pneumomediastinum"
                   r"|pneumoperitoneum|cephalization|aspiration|contusion|bronchiectasis|bronchitis|bronchiolitis|airways? disease|cuffing"
                   r"|hemorrhage|hematoma|deformit\w*|volume loss|tortu\w*|ectatic|ectasia|hypertension|(?<!peribronchial )(?<!wall )thickening"
-                  r"|prominen\w*|inflammat\w*|lucenc\w*|(?:lytic|sclerotic|blastic|osseous|bony|bone) lesions?")
+                  r"|prominen\w*|inflammat\w*|kerley|lucenc\w*|(?:lytic|sclerotic|blastic|osseous|bony|bone) lesions?")
 OTHER = "Other Finding"
 
 # One scan finds every mention; each sits in a lookahead so that overlapping ones ("nodular opacity": lesion and opacity) are all found.
@@ -83,27 +83,27 @@ CHF = re.compile(r"heart failure|\bchf\b")  # CheXpert: heart failure also makes
 
 # Cues, matched on lower-cased text. Pre cues precede the mention within its clause; post cues follow it.
 UNCERTAIN_POST = re.compile(r"can ?not be (?:excluded|ruled out)|not (?:be )?(?:entirely |completely )?excluded|(?:is|are) not ruled out"
-                            r"|(?:is|are|was|were) (?:suspected|possible|questionable|likely|probable|favored|a consideration)|could be present|\?")
-UNCERTAIN_POST_WEAK = re.compile(r"^,? (?:or|versus|vs\.?|and/or)\b")  # "atelectasis or pneumonia": both uncertain (CheXpert)
+                            r"|(?:is|are|was|were) (?:suspected|possible|questionable|likely|less likely|unlikely|probable|favou?red|a consideration)|could be present|\?")
+UNCERTAIN_POST_WEAK = re.compile(r"^(?:,? (?:or|versus|vs\.?|and/or)\b|/)")  # "atelectasis or pneumonia": both uncertain (CheXpert)
 NEGATION_POST = re.compile(
     r"\b(?:(?:is|are|has|have) (?:now )?(?:been )?(?:resolved|cleared|removed|absent)|not (?:seen|identified|present|demonstrated|visualized|appreciated"
-    r"|evident|detected|noted)|no longer (?:seen|present|visualized|evident|identified|demonstrated|noted)|resolved|removed|within normal limits"
+    r"|evident|detected|noted)|no longer (?:seen|present|visualized|evident|identified|demonstrated|noted)|resolved|removed|removal|within normal limits"
     r"|(?:is|are) (?:normal|unremarkable)|(?:is|are) not enlarged)\b")
 PRE_WINDOW = 10  # words before a mention that a negation or uncertainty cue reaches ("no consolidation, effusion, or pneumothorax")
 NEGATION_PRE = (r"no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|removal of|rather than"
                 r"|history of|clearing of|disappearance of|rule out|r/o|ruled out")
 UNCERTAIN_PRE = (r"can ?not (?:be )?(?:excluded?|ruled? out)|not exclude|no new|without new|cannot rule out"  # before "no" / "not": they contain them
                  r"|may|might|could|would|possibl[ey]|probabl[ey]|likely|presum\w*|suspect\w*|(?<!no )suspicious|suspicion|question\w*|equivocal"
-                 r"|concern\w* for|worrisome for|(?<!to )suggest\w*|differential|consider\w*|borderline|vague|indeterminate"
+                 r"|concern\w* for|worrisome for|favou?red over|(?<!to )suggest\w*|differential|consider\w*|borderline|vague|indeterminate"
                  r"|obscur\w*(?! by)|not (?:well )?(?:visualized|assessed)|evaluate for|assess for|correlat\w* (?:clinically )?for|clinical correlation")
 PRE_CUE = re.compile(rf"\b(?:(?P<uncertain>{UNCERTAIN_PRE})|(?P<negation>{NEGATION_PRE}))\b")
-UNCERTAIN_PRE_WEAK = re.compile(r"\b(?:or|versus|vs|and/or)(?: \w+)?\W*$")  # "atelectasis or pneumonia": both uncertain (CheXpert), unless negated
+UNCERTAIN_PRE_WEAK = re.compile(r"(?:\b(?:or|versus|vs|and/or)(?: \w+)?\W*|/)$")  # "atelectasis or pneumonia": both uncertain (CheXpert), unless negated
 NEAR_WINDOW = 3  # "normal" negates only what it directly qualifies ("normal heart size", not "normal heart size, and an effusion")
 NEGATION_NEAR = re.compile(r"\b(?:normal|unremarkable)\b")
 # Phrases that carry a cue word but state no negation: "no change in the effusion" still reports an effusion.
 NOT_A_NEGATION = re.compile(r"\bno (?:significant |interval |appreciable |substantial |definite )?change(?: in| of)?\b|\bnot changed\b|\bunchanged\b")
 # A cue applies within its clause: these words or marks start a new one.
-CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|except|aside from|apart from|which|whereas|while|otherwise)\b|[;:]|\bwith (?!no\b)"
+CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|except|aside from|apart from|which|whereas|while|otherwise)\b|[;:]|\bwith (?!no\b)|\b(?:after|following)\b"
                           r"|,? and (?=there\b|the\b|an?\b|is\b|are\b)|, (?=there\b)")
 
 

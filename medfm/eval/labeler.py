@@ -36,16 +36,17 @@ MENTIONS = {
     "Pleural Other": r"pleural (?:thickening|scar\w*|plaques?|calcifications?)|pleural-parenchymal scar\w*|pleuroparenchymal scar\w*"
                      r"|fibrothorax|fibrosis|fibrotic|(?<=effusion or )thickening|(?<=effusions or )thickening",
     "Fracture": r"fractur\w*",
-    "Support Devices": r"tubes?|(?<!pleural )(?<!kerley b )(?<!septal )(?<!fold )(?<!skin )lines?|catheters?|picc|pacemakers?|pacers?|pacing"
+    "Support Devices": r"tubes?|(?<!pleural )(?<!kerley b )(?<!septal )(?<!fold )(?<!skin )(?<!paraspinal )(?<!junction )(?<!paratracheal )(?<!azygoesophageal )lines?|catheters?|picc|pacemakers?|pacers?|pacing"
                        r"|defibrillators?|\ba?icd\b|swan[- ]ganz|port-?a-?cath|mediport|(?:chest|power|infusion) port|\bport\b|stents?|drains?"
-                       r"|tracheostomy|hardware|arthroplast\w*|plates?(?![- ]?like)|screws?|cannula|coils?|devices?|\becmo\b|impella|balloon pump|\biabp\b|\blvad\b"
+                       r"|tracheostomy|hardware|arthroplast\w*|plates?(?![- ]?like| atelecta)|screws?|cannula|coils?|devices?|\becmo\b|impella|balloon pump|\biabp\b|\blvad\b"
                        r"|(?:prosthetic|mechanical|bioprosthetic|artificial) (?:\w+ )?valves?|valve (?:replacement|prosthesis)",
 }
 # Phrases that contain a mention but are not one (CheXpert's "unmention" idea).
 UNMENTIONS = {
     "Lung Lesion": r"calcified (?:\w+ )?nodul\w*|massive|mass effect",
-    "Lung Opacity": r"pleural scar\w*|pleural-parenchymal scar\w*|pleuro-?parenchymal scar\w*",
+    "Lung Opacity": r"(?:bone|bony|osseous|mineral|soft tissue|breast) densit\w*|pleural scar\w*|pleural-parenchymal scar\w*|pleuro-?parenchymal scar\w*",
     "Edema": r"heart failure (?:clinic|service)",
+    "Atelectasis": r"(?:vertebral|body|height) collapse\w*",
 }
 # Anatomy that is only described: it counts when a predicate says how it looks.
 ANATOMY = {
@@ -59,6 +60,7 @@ NORMAL = r"not (?:\w+ )?(?:enlarged|widened|increased)|no longer (?:enlarged|wid
 UNCERTAIN_SIZE = r"borderline|obscur\w*|difficult to (?:assess|evaluate)|(?:cannot|can not|not) be (?:assessed|evaluated)|poorly (?:assessed|evaluated)" \
                  r"|not (?:well )?(?:assessed|evaluated|visualized)|indeterminate"
 PREDICATE = re.compile(rf"\b(?:(?P<normal>{NORMAL})|(?P<uncertain>{UNCERTAIN_SIZE})|(?P<abnormal>{ABNORMAL}))\b")
+SOFT_NORMAL = re.compile(r"stable|similar")
 NO_BEFORE = re.compile(r"\b(?:no|not|without)\W+(?:\w+\W+)?$")
 HEDGE = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|likely|questionabl[ey]|suspect\w*|borderline|equivocal)\b|\?")
 
@@ -66,8 +68,8 @@ HEDGE = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|likely|questio
 OTHER_FINDINGS = (r"emphysema\w*|hyperinfla\w*|hyperexpan\w*|\bcopd\b|bullae|bullous|blunt\w*|elevat\w*|eventration|scoliosis|kyphosis|kyphoscoliosis"
                   r"|degenerat\w*|spondylo\w*|osteophyt\w*|calcifi\w*|granulom\w*|hernia|atherosclero\w*|osteopenia|metasta\w*|pneumomediastinum"
                   r"|pneumoperitoneum|cephalization|aspiration|contusion|bronchiectasis|bronchitis|bronchiolitis|airways? disease|cuffing"
-                  r"|hemorrhage|hematoma|deformit\w*|volume loss|tortu\w*|ectatic|ectasia|hypertension|(?<!peribronchial )(?<!wall )thickening"
-                  r"|prominen\w*|inflammat\w*|kerley|lucenc\w*|(?:lytic|sclerotic|blastic|osseous|bony|bone) lesions?")
+                  r"|hemorrhage|hematoma|deformit\w*|volume loss|tortu\w*|ectatic|ectasia|pulmonary (?:arterial )?hypertension|hyperlucen\w*|(?<!peribronchial )(?<!wall )thickening"
+                  r"|prominen\w*|inflammat\w*|kerley|enlarged (?:pulmonary|hilar) (?:arter\w*|vessels)|(?:pulmonary|hilar) arter(?:y|ies) (?:is |are )?enlarged|lucenc\w*|(?:lytic|sclerotic|blastic|osseous|bony|bone) lesions?")
 OTHER = "Other Finding"
 
 # One scan finds every mention; each sits in a lookahead so that overlapping ones ("nodular opacity": lesion and opacity) are all found.
@@ -83,7 +85,7 @@ CHF = re.compile(r"heart failure|\bchf\b")  # CheXpert: heart failure also makes
 
 # Cues, matched on lower-cased text. Pre cues precede the mention within its clause; post cues follow it.
 UNCERTAIN_POST = re.compile(r"can ?not be (?:excluded|ruled out)|not (?:be )?(?:entirely |completely )?excluded|(?:is|are) not ruled out"
-                            r"|(?:is|are|was|were) (?:suspected|possible|questionable|likely|less likely|unlikely|probable|favou?red|a consideration)|could be present|\?")
+                            r"|(?:is|are|was|were) (?:suspected|possible|questionable|likely|less likely|unlikely|probable|favou?red|a consideration)|(?:could|may|might) be present|\?")
 UNCERTAIN_POST_WEAK = re.compile(r"^(?:,? (?:or|versus|vs\.?|and/or)\b|/)")  # "atelectasis or pneumonia": both uncertain (CheXpert)
 NEGATION_POST = re.compile(
     r"\b(?:(?:is|are|has|have) (?:now )?(?:been )?(?:resolved|cleared|removed|absent)|not (?:seen|identified|present|demonstrated|visualized|appreciated"
@@ -140,7 +142,8 @@ def anatomy_polarity(sentence: str, start: int, end: int, breaks: list[tuple[int
     left, right = _clause_bounds(breaks, len(sentence), start, end)
     before, after = _last_words(sentence[left:start], 5), sentence[end:right]
     pre = [m for m in PREDICATE.finditer(before)][-1:]  # the nearest predicate on each side: "normal heart size", "heart size is normal"
-    post = [m for m in PREDICATE.finditer(after)][:1]
+    post = [m for m in PREDICATE.finditer(after)]
+    post = [m for m in post if not SOFT_NORMAL.fullmatch(m.group())][:1] or post[:1]  # "stable, moderately enlarged": the size wins
     kinds = {m.lastgroup for m in pre + post}
     if "abnormal" in kinds:
         if pre and pre[0].lastgroup == "abnormal" and NO_BEFORE.search(before[:pre[0].start()]):

@@ -51,6 +51,6 @@ def test_real_style_sentence(text, expected):
 
 
 def test_held_out_sentences():
-    """Scored once, after the rules were written: macro-F1 over observations, measured 0.96 (before the rewrite: see the README)."""
+    """Not looked at while the rules were written; mean over observations of the four-outcome macro-F1: 0.842 before, 0.992 after."""
     scores = per_observation_f1(load_rows("labeler_sentences_heldout.jsonl"))
-    assert sum(scores.values()) / len(scores) >= 0.90, scores
+    assert sum(scores.values()) / len(scores) >= 0.97, scores

@@ -156,15 +156,15 @@ def ms_ssim_diversity(images_by_prompt: dict[str, torch.Tensor]) -> dict:
 def precision_recall_density_coverage(real_features: torch.Tensor, fake_features: torch.Tensor, nearest_k: int = 5) -> dict:
     """Precision, recall, density and coverage (Naeem et al. 2020) of (N, D) features, computed by the `prdc` package.
 
-    `nearest_k` is capped at the smaller set's size - 1 (with a warning); the value used is returned as "nearest_k".
+    `nearest_k` is capped at the smaller set's size - 2 (prdc's limit; with a warning); the value used is returned as "nearest_k".
     """
     try:
         from prdc import compute_prdc
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError("Precision/recall/density/coverage need the prdc package: pip install prdc (or medfm[eval])") from err
-    k = min(nearest_k, len(real_features) - 1, len(fake_features) - 1)
+    k = min(nearest_k, len(real_features) - 2, len(fake_features) - 2)
     if k < 1:
-        raise ValueError(f"PRDC needs at least 2 real and 2 generated images (got {len(real_features)} and {len(fake_features)})")
+        raise ValueError(f"PRDC needs at least 3 real and 3 generated images (got {len(real_features)} and {len(fake_features)})")
     if k < nearest_k:
         logger.warning("PRDC: only %d real / %d generated images, so k = %d instead of %d", len(real_features), len(fake_features), k, nearest_k)
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes

@@ -32,7 +32,8 @@ from medfm.data.images import to_rgb_tensor
 from medfm.data.phantom import make_phantom
 from medfm.data.report_batches import full_instruction
 from medfm.data.studies import to_pil_rgb
-from medfm.eval.images import InceptionFeatures, extract_features, fid_kid, to_uint8_rgb
+from medfm.eval.features import InceptionFeatures, extract_features
+from medfm.eval.images import fid_kid, to_uint8_rgb
 from medfm.eval.labeler import label_reports
 from medfm.eval.report_metrics import evaluate_reports
 from medfm.eval.utility import predict, train_classifier

@@ -104,8 +104,9 @@ def _eval_images(args) -> None:
 
     from .eval.images import evaluate_image_folders
 
-    metrics = evaluate_image_folders(args.real, args.generated, args.output_dir, size=args.resolution, extractor=args.feature_extractor,
-                                     training_dir=args.training_dir, clip_model=args.clip_model)
+    metrics = evaluate_image_folders(args.real, args.generated, args.output_dir, size=args.resolution, extractors=args.feature_extractor,
+                                     training_dir=args.training_dir, clip_model=args.clip_model, reid_model=args.reid_model,
+                                     nearest_k=args.nearest_k, device=args.device)
     print(json.dumps(metrics, indent=1, default=str)[:4000])
     print(f"Wrote {args.output_dir}/metrics.json and {args.output_dir}/index.html")
     _record(args, "images", metrics, args.real)
@@ -217,15 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_argument("--adapter", help="Adapter folder that wrote the predictions: the result goes into its eval_results.json and model card.")
     reports.set_defaults(run=_eval_reports)
 
-    images = targets.add_parser("images", help="FID/KID, MS-SSIM diversity, CLIP score and a memorization audit, with an HTML report.")
+    images = targets.add_parser("images", help="FID/KID and PRDC per feature extractor, MS-SSIM diversity, image-text alignment, memorization and re-identification, with an HTML report.")
     images.add_argument("--real", required=True, help="Folder of real radiographs (PNG/JPEG/DICOM).")
     images.add_argument("--generated", required=True, help="Folder of generated radiographs (metadata.jsonl prompts enable diversity/CLIP).")
     images.add_argument("--output_dir", required=True)
     images.add_argument("--resolution", type=int, default=128)
-    images.add_argument("--feature_extractor", default="inception",
-                        help="inception (standard FID InceptionV3) or an open_clip spec, e.g. hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224.")
+    images.add_argument("--feature_extractor", nargs="+", default=["inception"],
+                        help="One or more backbones, each reported under its own name: inception (standard FID InceptionV3), a transformers "
+                             "vision model by Hub id or folder (microsoft/rad-dino, a SigLIP/MedSigLIP), or an open_clip spec "
+                             "(hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224, a folder, ViT-B-32@openai).")
     images.add_argument("--training_dir", help="Training images for the memorization audit.")
-    images.add_argument("--clip_model", help="open_clip spec for the image-text CLIP score.")
+    images.add_argument("--clip_model", help="CLIP-like model for image-text alignment: an open_clip spec (BiomedCLIP) or a transformers CLIP/SigLIP id or folder.")
+    images.add_argument("--reid_model", help="Folder with a Siamese re-identification network (reid_model.pt, TorchScript; see medfm/eval/reid.py); needs --training_dir.")
+    images.add_argument("--nearest_k", type=int, default=5, help="k of precision/recall/density/coverage (Naeem et al. 2020).")
+    images.add_argument("--device", help="Where the feature networks run (default: cuda if available, else cpu).")
     images.add_argument("--adapter", help="Adapter folder that generated the images: the result goes into its eval_results.json and model card.")
     images.set_defaults(run=_eval_images)
 

@@ -261,13 +261,18 @@ def _summary(kind: str, metrics: dict) -> list[dict]:
     if kind == "reports":
         return [{"metric": name, "value": entry["value"], "ci95": entry["ci95"]} for name, entry in metrics["metrics"].items()]
     if kind == "images":
-        rows = [("fid", metrics["fid"]), ("kid_mean", metrics["kid_mean"]), ("kid_std", metrics["kid_std"])]
+        rows = [(f"{name} ({key})", entry[name]) for key, entry in metrics["features"].items()
+                for name in ("fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage")]
         if "ms_ssim_diversity" in metrics:
             rows.append(("ms_ssim_diversity", metrics["ms_ssim_diversity"]["mean"]))
-        if "clip_score" in metrics:
-            rows.append(("clip_score", metrics["clip_score"]))
+        if "alignment" in metrics:
+            rows.append((f"clip_score ({metrics['alignment']['model']})", metrics["alignment"]["clip_score"]))
         if "memorization" in metrics:
-            rows += [("near_copy_rate", metrics["memorization"]["near_copy_rate"]), ("mean_nearest_ssim", metrics["memorization"]["mean_nearest_ssim"])]
+            audit = metrics["memorization"]
+            rows += [(f"near_copy_rate ({audit['extractor']})", audit["near_copy_rate"]), ("mean_nearest_ssim", audit["mean_nearest_ssim"]),
+                     ("mean_nearest_pixel_distance", audit["pixel"]["mean_nearest_distance"])]
+            if "reid" in audit:
+                rows.append(("reid_share_above_threshold", audit["reid"]["share_above_threshold"]))
         return [{"metric": name, "value": value, "ci95": None} for name, value in rows]
     if kind == "utility":
         from .eval.utility import mean_auc
@@ -294,7 +299,10 @@ def record_evaluation(adapter_dir: str | Path, kind: str, metrics: dict, data: s
     if kind == "images" and "memorization" in metrics:
         audit = metrics["memorization"]
         results[kind]["memorization"] = {"near_copy_rate": audit["near_copy_rate"], "threshold": audit["threshold"],
-                                         "mean_nearest_ssim": audit["mean_nearest_ssim"], "num_generated": len(audit["nearest_index"])}
+                                         "mean_nearest_ssim": audit["mean_nearest_ssim"], "num_generated": len(audit["nearest_index"]),
+                                         "extractor": audit["extractor"]}
+        if "reid" in audit:
+            results[kind]["memorization"]["reid"] = {name: audit["reid"][name] for name in ("share_above_threshold", "threshold", "mean_score")}
     path = folder / EVAL_RESULTS_NAME
     path.write_text(json.dumps(results, indent=2), encoding="utf-8")
     refresh_card_evaluation(folder)
@@ -319,9 +327,14 @@ def _evaluation_section(results: dict) -> str:
 def _memorization_text(results: dict) -> str:
     audit = results.get("images", {}).get("memorization")
     if audit:
+        features = f"{audit['extractor']} feature cosine" if "extractor" in audit else "feature cosine"
         text = (f"Memorization audit (`medfm eval images --training_dir`): {audit['near_copy_rate']:.1%} of {audit['num_generated']} generated "
-                f"images are near-copies of a training image (feature cosine > {audit['threshold']}); mean nearest-neighbour SSIM "
+                f"images are near-copies of a training image ({features} > {audit['threshold']}); mean nearest-neighbour SSIM "
                 f"{audit['mean_nearest_ssim']:.3f}.")
+        if "reid" in audit:
+            reid = audit["reid"]
+            text += (f" A re-identification network (`--reid_model`) scores {reid['share_above_threshold']:.1%} of them as the same patient as "
+                     f"their nearest training image (score > {reid['threshold']}; mean score {reid['mean_score']:.3f}).")
     else:
         text = "Memorization audit: not run yet for this adapter (`medfm eval images ... --training_dir TRAIN --adapter DIR` records it here)."
     return f"{MEMORIZATION_START}{text}{MEMORIZATION_END}"

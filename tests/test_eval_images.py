@@ -6,14 +6,11 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from medfm.data.phantom import write_phantom_dataset
+from medfm.eval.features import InceptionFeatures, OpenClipImageFeatures, extract_features, feature_extractor
 from medfm.eval.images import (
-    InceptionFeatures,
-    OpenClipImageFeatures,
-    clip_score,
     evaluate_image_folders,
-    extract_features,
-    feature_extractor,
     fid_kid,
+    image_text_alignment,
     load_image_folder,
     memorization_audit,
     ms_ssim_diversity,
@@ -118,8 +115,9 @@ def test_memorization_audit_flags_copies(phantoms, inception):
 def test_clip_score_with_untrained_open_clip(phantoms):
     _, images, prompts = phantoms["a"]
     model, _, _ = open_clip.create_model_and_transforms("RN50", pretrained=None)
-    score = clip_score(images[:2], prompts[:2], OpenClipImageFeatures(model, open_clip.get_tokenizer("RN50")))
-    assert 0 <= score <= 100
+    scores = image_text_alignment(images[:2], prompts[:2], OpenClipImageFeatures(model, open_clip.get_tokenizer("RN50")))
+    assert 0 <= scores["clip_score"] <= 100 and -1 <= scores["mean_cosine"] <= 1
+    assert scores["clip_score"] >= 100 * scores["mean_cosine"]
 
 
 def test_evaluate_image_folders_writes_report(phantoms, tiny_clip_config, tmp_path):
@@ -129,12 +127,13 @@ def test_evaluate_image_folders_writes_report(phantoms, tiny_clip_config, tmp_pa
         row["text"] = f"prompt {i // 4}"  # 4 samples per prompt, as RoentGen's diversity protocol
     (generated / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     metrics = evaluate_image_folders(
-        phantoms["a"][0], generated, tmp_path / "report", size=SIZE, extractor=tiny_clip_config,
+        phantoms["a"][0], generated, tmp_path / "report", size=SIZE, extractors=tiny_clip_config,
         training_dir=phantoms["b"][0], clip_model=tiny_clip_config,
     )
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert saved.keys() == metrics.keys() and saved["fid"] == pytest.approx(metrics["fid"])
-    assert {"fid", "kid_mean", "kid_std", "ms_ssim_diversity", "clip_score", "memorization"} <= set(saved)
+    assert {"fid", "kid_mean", "kid_std", "features", "ms_ssim_diversity", "alignment", "memorization"} <= set(saved)
+    assert saved["extractor"] == saved["alignment"]["model"] == "tiny-test-clip" and saved["features"]["tiny-test-clip"]["fid"] == saved["fid"]
     assert set(saved["ms_ssim_diversity"]["per_prompt"]) == {"prompt 0", "prompt 1"}
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.count("<img") >= 3 and "prompt 1" in page

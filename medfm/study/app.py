@@ -15,8 +15,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from .create import load_private, load_study, write_links
 from .designs import LIKERT, REPORT_ERROR_CATEGORIES, AnswerError, design_for
+from .folder import load_private, load_study, write_links
 from .store import store_of
 
 INVALID_LINK = "This link is not valid for this study. Use the link the organiser sent you (it ends with `?token=...`)."

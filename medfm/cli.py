@@ -155,6 +155,81 @@ def _train(argv: list[str]) -> None:
     recipe.cleanup()
 
 
+def _study_create(args) -> None:
+    from .study.create import create_study
+
+    folder = create_study(args.output, args.real, args.synthetic, args.design, args.readers, reports=args.reports, repeats=args.repeats,
+                          seed=args.seed, size=args.size, num_cases=args.num_cases, findings=args.findings)
+    print(f"Wrote the study to {folder}; reader links (send each reader only their own): {folder / 'private' / 'links.txt'}")
+
+
+def _study_serve(args) -> None:
+    from .study.app import serve
+
+    serve(args.study, args.host, args.port)
+
+
+def _study_results(args) -> None:
+    from .study.results import summary, write_results
+
+    results = write_results(args.study, args.output_dir, args.seed)
+    print(summary(results))
+    print(f"Wrote results.json, answers.csv and index.html to {args.output_dir or args.study + '/results'}")
+
+
+def _study_export(args) -> None:
+    from .study.export import export_preferences
+
+    counts = export_preferences(args.study, args.pairs, args.instruction)
+    print(f"Wrote {counts['pairs']} preference pairs to {counts['output']} (images in {counts['images']}; {counts['ties_skipped']} ties skipped)")
+
+
+def _study_errors(run):
+    """A study command whose input errors (bad folder, design, answers) end with their message, not a traceback."""
+    def checked(args) -> None:
+        try:
+            run(args)
+        except (ValueError, FileExistsError) as err:
+            raise SystemExit(f"medfm study {args.action}: error: {err}") from err
+    return checked
+
+
+def _add_study_commands(commands) -> None:
+    """`medfm study create|serve|results|export`: blinded reader studies (medfm.study)."""
+    from .config import DEFAULT_INSTRUCTION
+
+    study = commands.add_parser("study", help="Blinded reader studies of real vs generated radiographs or reports.")
+    actions = study.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="Write a study folder: blinded, re-encoded cases and a seeded, balanced order per reader.")
+    create.add_argument("output", help="New study folder.")
+    create.add_argument("--real", help="Imagefolder (metadata.jsonl: file_name, text) or folder of real radiographs (PNG/JPEG/DICOM).")
+    create.add_argument("--synthetic", required=True, help="Imagefolder of generated images (medfm generate writes one) or reports.")
+    create.add_argument("--design", choices=["turing", "rating", "pairwise"], required=True)
+    create.add_argument("--readers", nargs="+", required=True, help="Reader names; each gets their own order and link.")
+    create.add_argument("--reports", action="store_true", help="Cases are radiograph + report (the metadata `text`); readers judge the report.")
+    create.add_argument("--repeats", type=int, default=0, help="Items shown twice to each reader, for intra-reader agreement.")
+    create.add_argument("--num_cases", type=int, help="Cases per source (turing/rating) or pairs (pairwise); default: all that balance.")
+    create.add_argument("--findings", nargs="+", help="Rating: CheXpert findings offered (default: those the prompts name).")
+    create.add_argument("--size", type=int, default=512, help="Side in px every case is re-encoded to.")
+    create.add_argument("--seed", type=int, default=0)
+    create.set_defaults(run=_study_errors(_study_create))
+    serve = actions.add_parser("serve", help="Serve the study app (Gradio); answers go to STUDY/answers.sqlite as they are given.")
+    serve.add_argument("study")
+    serve.add_argument("--host", help="Address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for readers on the network).")
+    serve.add_argument("--port", type=int, help="Port (default: the first free one from 7860).")
+    serve.set_defaults(run=_study_errors(_study_serve))
+    results = actions.add_parser("results", help="Statistics per reader and pooled: results.json, answers.csv, index.html.")
+    results.add_argument("study")
+    results.add_argument("--output_dir", help="Default: STUDY/results.")
+    results.add_argument("--seed", type=int, default=0, help="Fixes the bootstrap resampling.")
+    results.set_defaults(run=_study_errors(_study_results))
+    export = actions.add_parser("export", help="Preference pairs from pairwise answers and ratings (TRL format for reports).")
+    export.add_argument("study")
+    export.add_argument("--pairs", required=True, help="JSONL file to write; images go to a folder beside it.")
+    export.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="Reports: the prompt given with each radiograph.")
+    export.set_defaults(run=_study_errors(_study_export))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfm", description="LoRA-adapt foundation models to radiology image–report pairs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--server_name", help="Address to bind (default: $GRADIO_SERVER_NAME, else 127.0.0.1: this machine only).")
     demo.add_argument("--server_port", type=int, help="Port (default: $GRADIO_SERVER_PORT, else the first free one from 7860).")
     demo.set_defaults(run=_demo)
+    _add_study_commands(commands)
     return parser
 
 

@@ -101,8 +101,8 @@ def test_labels_cover_report_tokens_only(family, vlm, tmp_path):
     image_token = getattr(processor, "image_token_id", None) or processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert (labels[ids == image_token] == IGNORE_INDEX).all()
     assert (labels[batch["attention_mask"] == 0] == IGNORE_INDEX).all()  # padding
-    if family == "paligemma":  # the suffix is causal: marked with token type 1
-        assert (batch["token_type_ids"][labels != IGNORE_INDEX] == 1).all()
+    if "token_type_ids" in batch:  # PaliGemma: the suffix is causal, type 1; Gemma 3: report tokens are text, type 0 (1 = image)
+        assert (batch["token_type_ids"][labels != IGNORE_INDEX] == fam.report_token_type_id).all()
     inputs = {k: v for k, v in batch.items() if torch.is_tensor(v)}
     loss = model(**inputs).loss
     assert torch.isfinite(loss)

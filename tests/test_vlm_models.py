@@ -1,4 +1,4 @@
-"""The four VLM families on their tiny built-ins: load, a training step, LoRA targets, generation, adapter round trip."""
+"""Each VLM family on its tiny built-in: load, a training step, LoRA targets, generation, adapter round trip."""
 
 import numpy as np
 import pytest
@@ -21,10 +21,12 @@ from medfm.models.vlm import (
 )
 
 FAMILY_BUILTINS = {family: name for name, family in BUILTIN_TINY_VLMS.items()}
-LANGUAGE_MODEL = {"llava": "language_model", "qwen2_vl": "language_model", "paligemma": "language_model", "idefics3": "text_model"}
-VISION_TOWER = {"llava": "vision_tower", "qwen2_vl": "visual", "paligemma": "vision_tower", "idefics3": "vision_model"}
+LANGUAGE_MODEL = {"llava": "language_model", "qwen2_vl": "language_model", "paligemma": "language_model", "idefics3": "text_model",
+                  "gemma3": "language_model", "qwen3_vl": "language_model", "smolvlm": "text_model"}
+VISION_TOWER = {"llava": "vision_tower", "qwen2_vl": "visual", "paligemma": "vision_tower", "idefics3": "vision_model",
+                "gemma3": "vision_tower", "qwen3_vl": "visual", "smolvlm": "vision_model"}
 REPORT = "FINDINGS: Heart size is normal.\nIMPRESSION: No acute process; 3 cm nodule."
-ANSWER_PREFIX = {"llava": " ", "qwen2_vl": "", "paligemma": "", "idefics3": " "}  # what the chat template puts before the answer
+ANSWER_PREFIX = {"llava": " ", "qwen2_vl": "", "paligemma": "", "idefics3": " ", "gemma3": "", "qwen3_vl": "", "smolvlm": " "}  # what the chat template puts before the answer
 
 each_family = pytest.mark.parametrize("family", list(VLM_FAMILIES))
 
@@ -67,10 +69,11 @@ def training_batch(processor, family):
     batch["input_ids"] = torch.cat([prompt_ids, answer], dim=1)
     batch["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], dim=1)
     batch["labels"] = torch.cat([torch.full_like(prompt_ids, -100), answer], dim=1)
-    if "mm_token_type_ids" in inputs:  # Qwen2-VL: 0 = text, 1 = image (M-RoPE positions)
+    if "mm_token_type_ids" in inputs:  # Qwen2-VL, Qwen3-VL: 0 = text, 1 = image (M-RoPE positions)
         batch["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
-    if "token_type_ids" in inputs:  # PaliGemma: 0 = bidirectional prefix, 1 = causal suffix
-        batch["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.ones_like(answer)], dim=1)
+    if "token_type_ids" in inputs:  # PaliGemma: 0 = bidirectional prefix, 1 = causal suffix; Gemma 3: 1 = image (bidirectional), 0 = text
+        report_type = VLM_FAMILIES[family].report_token_type_id
+        batch["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.full_like(answer, report_type)], dim=1)
     return batch
 
 
@@ -213,7 +216,7 @@ def test_load_in_4bit_needs_cuda(monkeypatch):
 
 
 def test_family_of_unknown_type_names_supported_ones():
-    with pytest.raises(ValueError, match="llama.*supported: idefics3, llava, paligemma, qwen2_5_vl, qwen2_vl, smolvlm"):
+    with pytest.raises(ValueError, match="llama.*supported: gemma3, idefics3, llava, paligemma, qwen2_5_vl, qwen2_vl, qwen3_vl, smolvlm"):
         family_of(LlamaConfig())
 
 
@@ -237,7 +240,7 @@ def tiny_smolvlm():
     return AutoConfig.for_model("smolvlm", text_config=text, vision_config=vision)
 
 
-@pytest.mark.parametrize(("build_config", "family"), [(tiny_qwen2_5_vl, "qwen2_vl"), (tiny_smolvlm, "idefics3")])
+@pytest.mark.parametrize(("build_config", "family"), [(tiny_qwen2_5_vl, "qwen2_vl"), (tiny_smolvlm, "smolvlm")])
 def test_sibling_model_types_share_a_family_and_its_patterns(build_config, family):
     model = AutoModelForImageTextToText.from_config(build_config())
     vlm = family_of(model)

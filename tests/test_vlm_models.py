@@ -132,6 +132,22 @@ def test_report_tokens_cannot_see_the_future(base, family):
     assert torch.equal(before[0, :-2], after[0, :-2]) and not torch.equal(before[0, -2:], after[0, -2:])
 
 
+def test_gemma3_image_tokens_attend_both_ways_report_tokens_causally(base):
+    """MedGemma's attention: the processor marks the image soft tokens (type 1), which see each other both ways; the rest is causal."""
+    folder, _, processor = base("gemma3")
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    batch = training_batch(processor, "gemma3")
+    image = batch["input_ids"][0] == model.config.image_token_id
+    assert image.sum() == model.config.mm_tokens_per_image and torch.equal(batch["token_type_ids"][0].bool(), image)
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    first, last = image.nonzero()[[0, -1], 0].tolist()
+    report = (batch["labels"][0] != -100).nonzero()[:, 0]
+    for layer in attentions:
+        assert (layer[0, :, first, last] > 0).all()  # the first image token sees the last
+        assert (layer[0, :, report[0], report[1]] == 0).all()  # a report token does not see the next one
+
+
 @each_family
 def test_two_views_in_one_prompt(base, family):
     _, model, processor = base(family)

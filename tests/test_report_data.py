@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import write_dicom
-from medfm.data.report_batches import IGNORE_INDEX, ReportCollator, end_token_id, report_token_loss
+from medfm.data.report_batches import IGNORE_INDEX, ReportCollator, encode_prompts, end_token_id, report_token_loss
 from medfm.data.studies import ReportStudyDataset, load_studies
 from medfm.models.vlm import BUILTIN_TINY_VLMS, VLM_FAMILIES, answer_prefix, load_vlm
 
@@ -107,6 +107,19 @@ def test_labels_cover_report_tokens_only(family, vlm, tmp_path):
     loss = model(**inputs).loss
     assert torch.isfinite(loss)
     assert report_token_loss(model, inputs).item() == pytest.approx(loss.item(), rel=1e-5)  # logits for the report tokens only
+
+
+@pytest.mark.parametrize("family", [name for name, family in VLM_FAMILIES.items() if family.has_chat_template])
+def test_prompts_tokenize_as_transformers_own_chat_template(family, vlm, tmp_path):
+    """The ids transformers gives (`apply_chat_template(tokenize=True)`): one BOS where the template writes it itself (Gemma 3), not two."""
+    _, processor, fam = vlm(family)
+    image = Image.open(png(tmp_path / "a.png")).convert("RGB")
+    ours = encode_prompts(processor, fam, ["Describe the X-ray."], [[image]])
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe the X-ray."}]}]
+    theirs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    bos = processor.tokenizer.bos_token_id
+    assert bos is None or int((ours["input_ids"] == bos).sum()) <= 1
 
 
 @each_family

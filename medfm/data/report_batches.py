@@ -25,9 +25,11 @@ def encode_prompts(processor, family: VLMFamily, instructions: list[str], images
     """Left-padded prompt batch for `model.generate` (also the prompt half of training sequences)."""
     prompts = [build_prompt(processor, family, text, len(study_images)) for text, study_images in zip(instructions, images)]
     tokenizer = processor.tokenizer
+    # A chat template that writes the BOS itself (Gemma 3) gets no second one from the tokenizer, as in transformers' apply_chat_template
+    starts_with_bos = tokenizer.bos_token is not None and all(prompt.startswith(tokenizer.bos_token) for prompt in prompts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        encoded = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+        encoded = processor(text=prompts, images=images, padding=True, return_tensors="pt", **({"add_special_tokens": False} if starts_with_bos else {}))
     finally:
         tokenizer.padding_side = side
     encoded.pop("labels", None)  # PaliGemma's processor adds all -100 labels when no suffix is given

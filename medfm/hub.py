@@ -98,8 +98,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 {base_import}
 model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained({base_expression}), "{adapter}").eval()
 processor = AutoProcessor.from_pretrained("{adapter}")
-{prompt_code}
-inputs = processor(text=[prompt], images=[[Image.open("chest_xray.png").convert("RGB")]], return_tensors="pt")
+image = Image.open("chest_xray.png").convert("RGB")
+{inputs_code}
 output = model.generate(**inputs, max_new_tokens=256, do_sample=False)
 print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
 ```
@@ -223,10 +223,11 @@ def write_report_card(directory: str | Path, config: TrainConfig, family: str, n
     base = config.pretrained_model_name_or_path
     results = read_eval_results(directory)
     if family == "paligemma":
-        prompt_code = f'prompt = "<image>" + {config.instruction!r}'
-    else:
-        prompt_code = ('messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ' + repr(config.instruction) + '}]}]\n'
-                       'prompt = processor.apply_chat_template(messages, add_generation_prompt=True)')
+        inputs_code = (f'prompt = "<image>" + {config.instruction!r}\n'
+                       'inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")')
+    else:  # tokenized by the template: a template that writes the BOS itself (Gemma 3) gets no second one
+        inputs_code = ('messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": ' + repr(config.instruction) + '}]}]\n'
+                       'inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")')
     validation = ""
     if metrics:
         validation = ("## Validation (end of training, greedy decoding)\n\n| metric | value |\n|---|---|\n"
@@ -235,7 +236,7 @@ def write_report_card(directory: str | Path, config: TrainConfig, family: str, n
         card_data=_card_data(config, base, "peft", "image-text-to-text", REPORT_TAGS, results).to_yaml(),
         title=f"{Path(config.output_dir).name}: radiology report LoRA", base=base,
         base_link=_base_link(base), **_base_in_code(base, "medfm.models.vlm.resolve_vlm"), family=family, section=config.report_section,
-        data=_data_description(config), adapter=_adapter_reference(config), prompt_code=prompt_code, validation=validation,
+        data=_data_description(config), adapter=_adapter_reference(config), inputs_code=inputs_code, validation=validation,
         evaluation=_evaluation_section(results), data_section=_data_section(config),
         hyperparameters=_hyperparameter_rows(config, REPORT_CARD_HYPERPARAMETERS), num_studies=num_studies, num_bad=num_bad,
         num_truncated=num_truncated,

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import write_dicom
-from medfm.data.report_batches import IGNORE_INDEX, ReportCollator, end_token_id, report_token_loss
+from medfm.data.report_batches import IGNORE_INDEX, ReportCollator, encode_prompts, end_token_id, report_token_loss
 from medfm.data.studies import ReportStudyDataset, load_studies
 from medfm.models.vlm import BUILTIN_TINY_VLMS, VLM_FAMILIES, answer_prefix, load_vlm
 
@@ -101,12 +101,25 @@ def test_labels_cover_report_tokens_only(family, vlm, tmp_path):
     image_token = getattr(processor, "image_token_id", None) or processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert (labels[ids == image_token] == IGNORE_INDEX).all()
     assert (labels[batch["attention_mask"] == 0] == IGNORE_INDEX).all()  # padding
-    if family == "paligemma":  # the suffix is causal: marked with token type 1
-        assert (batch["token_type_ids"][labels != IGNORE_INDEX] == 1).all()
+    if "token_type_ids" in batch:  # PaliGemma: the suffix is causal, type 1; Gemma 3: report tokens are text, type 0 (1 = image)
+        assert (batch["token_type_ids"][labels != IGNORE_INDEX] == fam.report_token_type_id).all()
     inputs = {k: v for k, v in batch.items() if torch.is_tensor(v)}
     loss = model(**inputs).loss
     assert torch.isfinite(loss)
     assert report_token_loss(model, inputs).item() == pytest.approx(loss.item(), rel=1e-5)  # logits for the report tokens only
+
+
+@pytest.mark.parametrize("family", [name for name, family in VLM_FAMILIES.items() if family.has_chat_template])
+def test_prompts_tokenize_as_transformers_own_chat_template(family, vlm, tmp_path):
+    """The ids transformers gives (`apply_chat_template(tokenize=True)`): one BOS where the template writes it itself (Gemma 3), not two."""
+    _, processor, fam = vlm(family)
+    image = Image.open(png(tmp_path / "a.png")).convert("RGB")
+    ours = encode_prompts(processor, fam, ["Describe the X-ray."], [[image]])
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe the X-ray."}]}]
+    theirs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    bos = processor.tokenizer.bos_token_id
+    assert bos is None or int((ours["input_ids"] == bos).sum()) <= 1
 
 
 @each_family

@@ -36,13 +36,13 @@ def plain_peft_report(adapter, image_path, instruction, family):
     base = resolve_vlm(yaml.safe_load((adapter / "training_config.yaml").read_text())["pretrained_model_name_or_path"])
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), str(adapter)).eval()
     processor = AutoProcessor.from_pretrained(str(adapter))
+    image = Image.open(image_path).convert("RGB")
     if family == "paligemma":
-        prompt = "<image>" + instruction
+        inputs = processor(text=["<image>" + instruction], images=[[image]], return_tensors="pt")
+        inputs.pop("labels", None)
     else:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=[[Image.open(image_path).convert("RGB")]], return_tensors="pt")
-    inputs.pop("labels", None)
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": instruction}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()

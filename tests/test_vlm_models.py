@@ -1,4 +1,4 @@
-"""The four VLM families on their tiny built-ins: load, a training step, LoRA targets, generation, adapter round trip."""
+"""Each VLM family on its tiny built-in: load, a training step, LoRA targets, generation, adapter round trip."""
 
 import numpy as np
 import pytest
@@ -21,10 +21,12 @@ from medfm.models.vlm import (
 )
 
 FAMILY_BUILTINS = {family: name for name, family in BUILTIN_TINY_VLMS.items()}
-LANGUAGE_MODEL = {"llava": "language_model", "qwen2_vl": "language_model", "paligemma": "language_model", "idefics3": "text_model"}
-VISION_TOWER = {"llava": "vision_tower", "qwen2_vl": "visual", "paligemma": "vision_tower", "idefics3": "vision_model"}
+LANGUAGE_MODEL = {"llava": "language_model", "qwen2_vl": "language_model", "paligemma": "language_model", "idefics3": "text_model",
+                  "gemma3": "language_model", "qwen3_vl": "language_model", "smolvlm": "text_model"}
+VISION_TOWER = {"llava": "vision_tower", "qwen2_vl": "visual", "paligemma": "vision_tower", "idefics3": "vision_model",
+                "gemma3": "vision_tower", "qwen3_vl": "visual", "smolvlm": "vision_model"}
 REPORT = "FINDINGS: Heart size is normal.\nIMPRESSION: No acute process; 3 cm nodule."
-ANSWER_PREFIX = {"llava": " ", "qwen2_vl": "", "paligemma": "", "idefics3": " "}  # what the chat template puts before the answer
+ANSWER_PREFIX = {"llava": " ", "qwen2_vl": "", "paligemma": "", "idefics3": " ", "gemma3": "", "qwen3_vl": "", "smolvlm": " "}  # what the chat template puts before the answer
 
 each_family = pytest.mark.parametrize("family", list(VLM_FAMILIES))
 
@@ -67,10 +69,11 @@ def training_batch(processor, family):
     batch["input_ids"] = torch.cat([prompt_ids, answer], dim=1)
     batch["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], dim=1)
     batch["labels"] = torch.cat([torch.full_like(prompt_ids, -100), answer], dim=1)
-    if "mm_token_type_ids" in inputs:  # Qwen2-VL: 0 = text, 1 = image (M-RoPE positions)
+    if "mm_token_type_ids" in inputs:  # Qwen2-VL, Qwen3-VL: 0 = text, 1 = image (M-RoPE positions)
         batch["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
-    if "token_type_ids" in inputs:  # PaliGemma: 0 = bidirectional prefix, 1 = causal suffix
-        batch["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.ones_like(answer)], dim=1)
+    if "token_type_ids" in inputs:  # PaliGemma: 0 = bidirectional prefix, 1 = causal suffix; Gemma 3: 1 = image (bidirectional), 0 = text
+        report_type = VLM_FAMILIES[family].report_token_type_id
+        batch["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.full_like(answer, report_type)], dim=1)
     return batch
 
 
@@ -127,6 +130,22 @@ def test_report_tokens_cannot_see_the_future(base, family):
     with torch.no_grad():
         before, after = model(**batch).logits, model(**changed).logits
     assert torch.equal(before[0, :-2], after[0, :-2]) and not torch.equal(before[0, -2:], after[0, -2:])
+
+
+def test_gemma3_image_tokens_attend_both_ways_report_tokens_causally(base):
+    """MedGemma's attention: the processor marks the image soft tokens (type 1), which see each other both ways; the rest is causal."""
+    folder, _, processor = base("gemma3")
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    batch = training_batch(processor, "gemma3")
+    image = batch["input_ids"][0] == model.config.image_token_id
+    assert image.sum() == model.config.mm_tokens_per_image and torch.equal(batch["token_type_ids"][0].bool(), image)
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    first, last = image.nonzero()[[0, -1], 0].tolist()
+    report = (batch["labels"][0] != -100).nonzero()[:, 0]
+    for layer in attentions:
+        assert (layer[0, :, first, last] > 0).all()  # the first image token sees the last
+        assert (layer[0, :, report[0], report[1]] == 0).all()  # a report token does not see the next one
 
 
 @each_family
@@ -213,7 +232,7 @@ def test_load_in_4bit_needs_cuda(monkeypatch):
 
 
 def test_family_of_unknown_type_names_supported_ones():
-    with pytest.raises(ValueError, match="llama.*supported: idefics3, llava, paligemma, qwen2_5_vl, qwen2_vl, smolvlm"):
+    with pytest.raises(ValueError, match="llama.*supported: gemma3, idefics3, llava, paligemma, qwen2_5_vl, qwen2_vl, qwen3_vl, smolvlm"):
         family_of(LlamaConfig())
 
 
@@ -237,7 +256,7 @@ def tiny_smolvlm():
     return AutoConfig.for_model("smolvlm", text_config=text, vision_config=vision)
 
 
-@pytest.mark.parametrize(("build_config", "family"), [(tiny_qwen2_5_vl, "qwen2_vl"), (tiny_smolvlm, "idefics3")])
+@pytest.mark.parametrize(("build_config", "family"), [(tiny_qwen2_5_vl, "qwen2_vl"), (tiny_smolvlm, "smolvlm")])
 def test_sibling_model_types_share_a_family_and_its_patterns(build_config, family):
     model = AutoModelForImageTextToText.from_config(build_config())
     vlm = family_of(model)

@@ -14,8 +14,6 @@ from ..models.vlm import VLMFamily, answer_prefix, build_prompt
 from .reports import truncate_to_tokens
 
 IGNORE_INDEX = -100
-# Sequence-aligned processor outputs and the value their report tokens take (PaliGemma marks the suffix with 1).
-REPORT_TOKEN_FILL = {"token_type_ids": 1}
 
 
 def full_instruction(instruction: str, indication: str | None) -> str:
@@ -27,9 +25,11 @@ def encode_prompts(processor, family: VLMFamily, instructions: list[str], images
     """Left-padded prompt batch for `model.generate` (also the prompt half of training sequences)."""
     prompts = [build_prompt(processor, family, text, len(study_images)) for text, study_images in zip(instructions, images)]
     tokenizer = processor.tokenizer
+    # A chat template that writes the BOS itself (Gemma 3) gets no second one from the tokenizer, as in transformers' apply_chat_template
+    starts_with_bos = tokenizer.bos_token is not None and all(prompt.startswith(tokenizer.bos_token) for prompt in prompts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        encoded = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+        encoded = processor(text=prompts, images=images, padding=True, return_tensors="pt", **({"add_special_tokens": False} if starts_with_bos else {}))
     finally:
         tokenizer.padding_side = side
     encoded.pop("labels", None)  # PaliGemma's processor adds all -100 labels when no suffix is given
@@ -62,6 +62,8 @@ class ReportCollator:
         self.max_length, self.eos_token_id = max_length, eos_token_id
         self.pad_token_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos_token_id
         self.answer_prefix = answer_prefix(processor, family)  # e.g. the space after LLaVA's "ASSISTANT:"
+        # Sequence-aligned processor outputs and the value their report tokens take (others: 0)
+        self.report_fill = {"attention_mask": 1, "token_type_ids": family.report_token_type_id}
 
     def count_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer(text, add_special_tokens=False).input_ids)
@@ -89,7 +91,7 @@ class ReportCollator:
             report_ids = self.processor.tokenizer(self.answer_prefix + text, add_special_tokens=False).input_ids[:budget] + [self.eos_token_id]
             prompt_length = len(row["input_ids"])
             for key in sequence_keys:
-                fill = report_ids if key == "input_ids" else [1 if key == "attention_mask" else REPORT_TOKEN_FILL.get(key, 0)] * len(report_ids)
+                fill = report_ids if key == "input_ids" else [self.report_fill.get(key, 0)] * len(report_ids)
                 row[key] = row[key] + fill
             row["labels"] = [IGNORE_INDEX] * prompt_length + report_ids
             rows.append(row)

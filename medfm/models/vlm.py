@@ -1,4 +1,4 @@
-"""Vision-language bases for report generation: LLaVA, Qwen2-VL, PaliGemma, Idefics3; tiny ones built offline."""
+"""Vision-language bases for report generation: LLaVA, Qwen2-VL, PaliGemma, Idefics3, Gemma 3, Qwen3-VL, SmolVLM2; tiny ones built offline."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from transformers import (
     BitsAndBytesConfig,
     CLIPImageProcessor,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Gemma3TextConfig,
     GemmaConfig,
     Idefics3Config,
     Idefics3ImageProcessor,
@@ -35,10 +39,19 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
     SiglipImageProcessor,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMImageProcessor,
+    SmolVLMProcessor,
+    SmolVLMVideoProcessor,
+    SmolVLMVisionConfig,
 )
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
 from ..paths import build_once, medfm_home
 from .shipped import load_shipped_weights, shipped_fingerprint, unpinned_name
@@ -55,6 +68,9 @@ BUILTIN_TINY_VLMS = {
     "builtin:tiny-qwen2-vl": "qwen2_vl",
     "builtin:tiny-paligemma": "paligemma",
     "builtin:tiny-idefics3": "idefics3",
+    "builtin:tiny-gemma3": "gemma3",
+    "builtin:tiny-qwen3-vl": "qwen3_vl",
+    "builtin:tiny-smolvlm2": "smolvlm",
 }
 
 
@@ -69,6 +85,7 @@ class VLMFamily:
     projector_modules: tuple[str, ...]
     supports_multiple_images: bool
     has_chat_template: bool
+    report_token_type_id: int = 0  # `token_type_ids` of report tokens: PaliGemma 1 (causal suffix); Gemma 3 0 (text; 1 = image, bidirectional)
 
 
 def _decoder_layers(language_model: str) -> str:
@@ -81,6 +98,9 @@ def _vit_layers(vision_tower: str) -> str:
     return rf".*\.{vision_tower}\..*encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
 
 
+# The ViT-to-decoder projectors of Qwen3-VL's DeepStack: three in every released Qwen3-VL (peft wants the list's items by name).
+_QWEN3_VL_DEEPSTACK_MERGERS = tuple(f"deepstack_merger_list.{i}" for i in range(3))
+
 VLM_FAMILIES = {
     family.name: family
     for family in (
@@ -90,8 +110,15 @@ VLM_FAMILIES = {
                   r".*\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))",
                   ("merger",), supports_multiple_images=True, has_chat_template=True),
         VLMFamily("paligemma", ("paligemma",), _decoder_layers("language_model"), _vit_layers("vision_tower"),
-                  ("multi_modal_projector",), supports_multiple_images=False, has_chat_template=False),
-        VLMFamily("idefics3", ("idefics3", "smolvlm"), _decoder_layers("text_model"), _vit_layers("vision_model"),
+                  ("multi_modal_projector",), supports_multiple_images=False, has_chat_template=False, report_token_type_id=1),
+        VLMFamily("idefics3", ("idefics3",), _decoder_layers("text_model"), _vit_layers("vision_model"),
+                  ("connector",), supports_multiple_images=True, has_chat_template=True),
+        VLMFamily("gemma3", ("gemma3",), _decoder_layers("language_model"), _vit_layers("vision_tower"),
+                  ("multi_modal_projector",), supports_multiple_images=True, has_chat_template=True),
+        VLMFamily("qwen3_vl", ("qwen3_vl",), _decoder_layers("language_model"),
+                  r".*\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))",
+                  ("merger", *_QWEN3_VL_DEEPSTACK_MERGERS), supports_multiple_images=True, has_chat_template=True),
+        VLMFamily("smolvlm", ("smolvlm",), _decoder_layers("text_model"), _vit_layers("vision_model"),
                   ("connector",), supports_multiple_images=True, has_chat_template=True),
     )
 }
@@ -126,8 +153,9 @@ def _byte_level_bpe() -> Tokenizer:
     return tokenizer
 
 
-def _tiny_tokenizer(special_tokens: list[str], **named_tokens) -> PreTrainedTokenizerFast:
-    """The tiny BPE with a family's special tokens; `named_tokens` are bos/eos/pad/unk_token and add_bos_token."""
+def _tiny_tokenizer(special_tokens: list[str] | dict[str, str], **named_tokens) -> PreTrainedTokenizerFast:
+    """The tiny BPE with a family's special tokens (a dict also names them: `tokenizer.boi_token`); `named_tokens` are
+    bos/eos/pad/unk_token and add_bos_token."""
     return PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(), extra_special_tokens=special_tokens, **named_tokens)
 
 
@@ -173,6 +201,34 @@ _IDEFICS3_CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+_GEMMA3_CHAT_TEMPLATE = (  # Gemma's turns; the assistant is "model"; an image is `<start_of_image>`, which the processor expands
+    "{{ bos_token }}{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<start_of_image>{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+_QWEN3_VL_CHAT_TEMPLATE = (  # ChatML as Qwen2-VL, but no default system turn
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_SMOLVLM_CHAT_TEMPLATE = (  # Idefics3's "User:<image>...<end_of_utterance>" turns, opened by `<|im_start|>`, with videos
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] in ('image', 'video') %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+_IMAGE_GRID_TOKENS = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]  # Idefics3/SmolVLM crop positions
+_QWEN_VL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_QWEN_VL_PIXELS = {  # about 64x64 px (4,096 pixels) in 8 px patches, merged 2x2: about 16 image tokens
+    "size": {"shortest_edge": _TINY_IMAGE_SIZE**2, "longest_edge": _TINY_IMAGE_SIZE**2},
+    "patch_size": _TINY_PATCH_SIZE, "temporal_patch_size": 2, "merge_size": 2,
+}
 
 
 def _tiny_llava() -> tuple[LlavaConfig, LlavaProcessor]:
@@ -197,15 +253,9 @@ def _tiny_llava() -> tuple[LlavaConfig, LlavaProcessor]:
 
 def _tiny_qwen2_vl() -> tuple[Qwen2VLConfig, Qwen2VLProcessor]:
     """Qwen2-VL shape: 32x32 px -> 4x4 patches -> 2x2 merge -> 4 `<|image_pad|>` tokens with M-RoPE positions."""
-    tokenizer = _tiny_tokenizer(
-        ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
-        eos_token="<|im_end|>", pad_token="<|endoftext|>",
-    )
-    pixels = {"size": {"shortest_edge": _TINY_IMAGE_SIZE**2, "longest_edge": _TINY_IMAGE_SIZE**2}}
-    patches = {"patch_size": _TINY_PATCH_SIZE, "temporal_patch_size": 2, "merge_size": 2}
+    tokenizer = _tiny_tokenizer(_QWEN_VL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     processor = Qwen2VLProcessor(
-        Qwen2VLImageProcessor(**pixels, **patches), tokenizer, Qwen2VLVideoProcessor(**pixels, **patches),
-        chat_template=_QWEN2_VL_CHAT_TEMPLATE,
+        Qwen2VLImageProcessor(**_QWEN_VL_PIXELS), tokenizer, Qwen2VLVideoProcessor(**_QWEN_VL_PIXELS), chat_template=_QWEN2_VL_CHAT_TEMPLATE,
     )
     text_config = _decoder_config(
         Qwen2VLTextConfig, tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
@@ -239,9 +289,8 @@ def _tiny_paligemma() -> tuple[PaliGemmaConfig, PaliGemmaProcessor]:
 
 def _tiny_idefics3() -> tuple[Idefics3Config, Idefics3Processor]:
     """Idefics3 shape: SigLIP-like ViT -> pixel shuffle (x2) -> linear -> Llama; one `<image>` is 4 tokens, unsplit."""
-    grid = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
     tokenizer = _tiny_tokenizer(
-        ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid],
+        ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *_IMAGE_GRID_TOKENS],
         bos_token="<|begin_of_text|>", eos_token="<end_of_utterance>", pad_token="<|end_of_text|>",
     )
     size = {"longest_edge": _TINY_IMAGE_SIZE}
@@ -258,8 +307,77 @@ def _tiny_idefics3() -> tuple[Idefics3Config, Idefics3Processor]:
     return config, processor
 
 
+def _tiny_gemma3() -> tuple[Gemma3Config, Gemma3Processor]:
+    """Gemma 3 (MedGemma 4B) shape: SigLIP ViT -> 2x2 average pool -> RMSNorm + linear -> Gemma 3 with a sliding-window and a
+    global layer; `<start_of_image>` becomes `<start_of_image>` + 16 `<image_soft_token>` + `<end_of_image>`, which attend both ways."""
+    tokenizer = _tiny_tokenizer(
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+        bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", add_bos_token=True,
+    )
+    tokenizer.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+    mm_tokens_per_image = _TINY_PATCHES // 4
+    processor = Gemma3Processor(
+        Gemma3ImageProcessor(size={"height": _TINY_IMAGE_SIZE, "width": _TINY_IMAGE_SIZE}), tokenizer,
+        image_seq_length=mm_tokens_per_image, chat_template=_GEMMA3_CHAT_TEMPLATE,
+    )
+    text_config = _decoder_config(
+        Gemma3TextConfig, tokenizer, head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    config = Gemma3Config(
+        text_config=text_config, vision_config=_vit_config(SiglipVisionConfig, vision_use_head=False), mm_tokens_per_image=mm_tokens_per_image,
+        **_ids(tokenizer, image_token_index="<image_soft_token>", boi_token_index="<start_of_image>", eoi_token_index="<end_of_image>"),
+    )
+    return config, processor
+
+
+def _tiny_qwen3_vl() -> tuple[Qwen3VLConfig, Qwen3VLProcessor]:
+    """Qwen3-VL shape: ViT with learned 8x8 position grid -> 2x2 merge -> Qwen3 (q/k norms, interleaved M-RoPE); DeepStack adds
+    the merged features of three ViT blocks to the image tokens of the first three decoder layers."""
+    tokenizer = _tiny_tokenizer(_QWEN_VL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    processor = Qwen3VLProcessor(
+        Qwen2VLImageProcessor(**_QWEN_VL_PIXELS), tokenizer, Qwen3VLVideoProcessor(**_QWEN_VL_PIXELS), chat_template=_QWEN3_VL_CHAT_TEMPLATE,
+    )
+    text_config = _decoder_config(  # mrope_section sums to head_dim / 2
+        Qwen3VLTextConfig, tokenizer, head_dim=16, num_hidden_layers=3,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+    )
+    vision_config = Qwen3VLVisionConfig(
+        depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text_config.hidden_size, patch_size=_TINY_PATCH_SIZE,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=_TINY_PATCHES, deepstack_visual_indexes=[0, 1, 2],
+    )
+    config = Qwen3VLConfig(
+        text_config=text_config, vision_config=vision_config,
+        **_ids(tokenizer, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+               vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>"),
+    )
+    return config, processor
+
+
+def _tiny_smolvlm() -> tuple[SmolVLMConfig, SmolVLMProcessor]:
+    """SmolVLM2 shape: Idefics3's, but images are split: the longest edge goes to 128 px, cut into 64 px crops (up to 2x2, each
+    `<row_r_col_c>` + 16 `<image>`) plus a `<global-img>` view; videos are frames with timestamps."""
+    tokenizer = _tiny_tokenizer(
+        ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>", *_IMAGE_GRID_TOKENS],
+        bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|im_end|>",
+    )
+    crop = {"longest_edge": _TINY_IMAGE_SIZE}
+    image_processor = SmolVLMImageProcessor(size={"longest_edge": 2 * _TINY_IMAGE_SIZE}, max_image_size=crop, do_image_splitting=True)
+    scale_factor = 2
+    processor = SmolVLMProcessor(
+        image_processor, tokenizer, SmolVLMVideoProcessor(size=crop, max_image_size=crop),
+        image_seq_len=_TINY_PATCHES // scale_factor**2, chat_template=_SMOLVLM_CHAT_TEMPLATE,
+    )
+    config = SmolVLMConfig(
+        vision_config=_vit_config(SmolVLMVisionConfig), text_config=_decoder_config(LlamaConfig, tokenizer),
+        image_token_id=processor.image_token_id, scale_factor=scale_factor, pad_token_id=tokenizer.pad_token_id,
+    )
+    return config, processor
+
+
 _TINY_BUILDERS: dict[str, Callable[[], tuple[PreTrainedConfig, ProcessorMixin]]] = {
     "llava": _tiny_llava, "qwen2_vl": _tiny_qwen2_vl, "paligemma": _tiny_paligemma, "idefics3": _tiny_idefics3,
+    "gemma3": _tiny_gemma3, "qwen3_vl": _tiny_qwen3_vl, "smolvlm": _tiny_smolvlm,
 }
 
 

@@ -26,7 +26,8 @@ LANGUAGE_MODEL = {"llava": "language_model", "qwen2_vl": "language_model", "pali
 VISION_TOWER = {"llava": "vision_tower", "qwen2_vl": "visual", "paligemma": "vision_tower", "idefics3": "vision_model",
                 "gemma3": "vision_tower", "qwen3_vl": "visual", "smolvlm": "vision_model"}
 REPORT = "FINDINGS: Heart size is normal.\nIMPRESSION: No acute process; 3 cm nodule."
-ANSWER_PREFIX = {"llava": " ", "qwen2_vl": "", "paligemma": "", "idefics3": " ", "gemma3": "", "qwen3_vl": "", "smolvlm": " "}  # what the chat template puts before the answer
+# what the chat template puts before the answer
+ANSWER_PREFIX = {"llava": " ", "qwen2_vl": "", "paligemma": "", "idefics3": " ", "gemma3": "", "qwen3_vl": "", "smolvlm": " "}
 
 each_family = pytest.mark.parametrize("family", list(VLM_FAMILIES))
 

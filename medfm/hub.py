@@ -226,7 +226,8 @@ def write_report_card(directory: str | Path, config: TrainConfig, family: str, n
         inputs_code = (f'prompt = "<image>" + {config.instruction!r}\n'
                        'inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")')
     else:  # tokenized by the template: a template that writes the BOS itself (Gemma 3) gets no second one
-        inputs_code = ('messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": ' + repr(config.instruction) + '}]}]\n'
+        inputs_code = ('messages = [{"role": "user", "content": [{"type": "image", "image": image}, '
+                       '{"type": "text", "text": ' + repr(config.instruction) + '}]}]\n'
                        'inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")')
     validation = ""
     if metrics:

@@ -26,7 +26,8 @@ LANGUAGE_MODEL = {"llava": "language_model", "qwen2_vl": "language_model", "pali
 VISION_TOWER = {"llava": "vision_tower", "qwen2_vl": "visual", "paligemma": "vision_tower", "idefics3": "vision_model",
                 "gemma3": "vision_tower", "qwen3_vl": "visual", "smolvlm": "vision_model"}
 REPORT = "FINDINGS: Heart size is normal.\nIMPRESSION: No acute process; 3 cm nodule."
-ANSWER_PREFIX = {"llava": " ", "qwen2_vl": "", "paligemma": "", "idefics3": " ", "gemma3": "", "qwen3_vl": "", "smolvlm": " "}  # what the chat template puts before the answer
+# what the chat template puts before the answer
+ANSWER_PREFIX = {"llava": " ", "qwen2_vl": "", "paligemma": "", "idefics3": " ", "gemma3": "", "qwen3_vl": "", "smolvlm": " "}
 
 each_family = pytest.mark.parametrize("family", list(VLM_FAMILIES))
 
@@ -172,6 +173,23 @@ def test_lora_patterns_split_language_model_and_vision_tower(base, family):
 
     vision_targets = lora_targets(folder, vlm.vision_tower_pattern)
     assert vision_targets and all(f".{VISION_TOWER[family]}." in name for name in vision_targets)
+
+
+@each_family
+def test_every_projector_module_is_in_the_model(base, family):
+    """`--train_projector` names modules by suffix; each must exist (Qwen3-VL: the merger and its three DeepStack mergers)."""
+    model = base(family)[1]
+    names = [name for name, _ in model.named_modules()]
+    for projector in VLM_FAMILIES[family].projector_modules:
+        assert [name for name in names if name.endswith(projector)], projector
+
+
+def test_qwen3_vl_config_fields_fit_together(base):
+    config = base("qwen3_vl")[1].config
+    text, vision = config.text_config, config.vision_config
+    assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2  # M-RoPE sections: t, h, w rotary pairs
+    assert len(vision.deepstack_visual_indexes) == 3 <= text.num_hidden_layers  # one decoder layer per DeepStack level
+    assert vision.out_hidden_size == text.hidden_size  # the mergers project into the decoder's width
 
 
 def lora_targets(folder, pattern):

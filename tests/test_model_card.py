@@ -117,7 +117,7 @@ def test_eval_images_with_training_dir_records_the_memorization_audit(text_to_im
     audit = json.loads((tmp_path / "ev" / "metrics.json").read_text())["memorization"]
     text = (text_to_image_folder / "README.md").read_text()
     assert f"{audit['near_copy_rate']:.1%} of 6 generated images are near-copies" in text and "not run yet" not in text
-    assert "### Images (`medfm eval images`)" in text and "| fid (inception) |" in text
+    assert "### Images (`medfm eval images`)" in text and "| fid (inception) |" in text and "| precision (inception) |" in text
 
 
 def test_eval_adapter_must_be_a_local_adapter_folder(tmp_path):

@@ -85,7 +85,8 @@ CHF = re.compile(r"heart failure|\bchf\b")  # CheXpert: heart failure also makes
 
 # Cues, matched on lower-cased text. Pre cues precede the mention within its clause; post cues follow it.
 UNCERTAIN_POST = re.compile(r"can ?not be (?:excluded|ruled out)|not (?:be )?(?:entirely |completely )?excluded|(?:is|are) not ruled out"
-                            r"|(?:is|are|was|were) (?:suspected|possible|questionable|likely|less likely|unlikely|probable|favou?red|a consideration)|(?:could|may|might) be present|\?")
+                            r"|(?:is|are|was|were) (?:suspected|questionable|less likely|unlikely|favou?red|a consideration)|if any|(?:could|may|might) be present|\?"
+                            r"|(?:is|are|was|were) (?:likely|possible|probable)(?=\W*$|\W+(?:present|given|in|at|on|within|and|but)\b)")
 UNCERTAIN_POST_WEAK = re.compile(r"^(?:,? (?:or|versus|vs\.?|and/or)\b|/)")  # "atelectasis or pneumonia": both uncertain (CheXpert)
 NEGATION_POST = re.compile(
     r"\b(?:(?:is|are|has|have) (?:now )?(?:been )?(?:resolved|cleared|removed|absent)|not (?:seen|identified|present|demonstrated|visualized|appreciated"
@@ -96,8 +97,9 @@ NEGATION_PRE = (r"no|not|without|negative for|free of|clear of|absence of|absent
                 r"|history of|clearing of|disappearance of|rule out|r/o|ruled out")
 UNCERTAIN_PRE = (r"can ?not (?:be )?(?:excluded?|ruled? out)|not exclude|no new|without new|cannot rule out"  # before "no" / "not": they contain them
                  r"|may|might|could|would|possibl[ey]|probabl[ey]|likely|presum\w*|suspect\w*|(?<!no )suspicious|suspicion|question\w*|equivocal"
-                 r"|concern\w* for|worrisome for|favou?red over|(?<!to )suggest\w*|differential|consider\w*|borderline|vague|indeterminate"
+                 r"|concern\w* for|worrisome for|favou?red over|if any|(?<!to )suggest\w*|differential|consider\w*|borderline|vague|indeterminate"
                  r"|obscur\w*(?! by)|not (?:well )?(?:visualized|assessed)|evaluate for|assess for|correlat\w* (?:clinically )?for|clinical correlation")
+LINKING = re.compile(r"concern\w* for|worrisome for|suggest\w*|suspicious")
 PRE_CUE = re.compile(rf"\b(?:(?P<uncertain>{UNCERTAIN_PRE})|(?P<negation>{NEGATION_PRE}))\b")
 UNCERTAIN_PRE_WEAK = re.compile(r"(?:\b(?:or|versus|vs|and/or)(?: \w+)?\W*|/)$")  # "atelectasis or pneumonia": both uncertain (CheXpert), unless negated
 NEAR_WINDOW = 3  # "normal" negates only what it directly qualifies ("normal heart size", not "normal heart size, and an effusion")
@@ -129,9 +131,12 @@ def mention_polarity(sentence: str, start: int, end: int, breaks: list[tuple[int
         return -1.0
     if NEGATION_NEAR.search(_last_words(before, NEAR_WINDOW)):
         return 0.0
-    cues = PRE_CUE.findall(before)
-    if cues:  # the cue nearest the mention wins: "no pneumothorax, possible small effusion"
-        return -1.0 if cues[-1][0] else 0.0
+    cues = list(PRE_CUE.finditer(before))
+    if cues:  # the cue nearest the mention wins ("no pneumothorax, possible small effusion"), but a negated finding
+        last = cues[-1]  # negates what it would link to: "no consolidation concerning for pneumonia"
+        if last.lastgroup == "uncertain" and LINKING.fullmatch(last.group()) and any(c.lastgroup == "negation" for c in cues[:-1]):
+            return 0.0
+        return -1.0 if last.lastgroup == "uncertain" else 0.0
     if NEGATION_POST.search(after):
         return 0.0
     return -1.0 if UNCERTAIN_POST_WEAK.search(after) or UNCERTAIN_PRE_WEAK.search(_last_words(before, 3)) else 1.0

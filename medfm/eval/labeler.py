@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from ..data.phantom import CHEXPERT_LABELS
-from ..data.reports import split_sentences
+from ..data.reports import split_sections, split_sentences
 
 # Finding mentions: their polarity comes from negation / uncertainty cues.
 MENTIONS = {
@@ -164,11 +164,22 @@ def _overlaps(spans: list[tuple[int, int]], start: int, end: int) -> bool:
     return any(start < s_end and end > s_start for s_start, s_end in spans)
 
 
+# Sections that ask or describe the exam rather than report findings ("INDICATION: ? pneumonia").
+NOT_FINDINGS = {"indication", "indications", "clinical history", "history", "comparison", "comparisons", "technique", "examination",
+                "reason for exam", "reason for study", "notification"}
+
+
+def findings_text(report: str) -> str:
+    """The report without its indication / history / comparison / technique sections."""
+    sections = split_sections(re.sub(r"\s+", " ", report or "").strip())
+    return " ".join(body for name, body in sections.items() if name not in NOT_FINDINGS)
+
+
 def label_report(report: str) -> dict[str, float | None]:
-    """The 14 CheXpert labels of one report."""
+    """The 14 CheXpert labels of one report (its findings, impression and any text outside named sections)."""
     votes: dict[str, list[float]] = {label: [] for label in [*CHEXPERT_LABELS, OTHER]}
     opacity_child = False
-    for sentence in split_sentences(re.sub(r"\s+", " ", report or "").strip()):
+    for sentence in split_sentences(findings_text(report)):
         text = NOT_A_NEGATION.sub("stable", sentence.lower())
         found = [(int(m.lastgroup[1:]), m.span(m.lastgroup)) for m in MENTION_SCAN.finditer(text)]
         if not found:

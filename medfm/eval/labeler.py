@@ -85,8 +85,8 @@ CHF = re.compile(r"heart failure|\bchf\b")  # CheXpert: heart failure also makes
 
 # Cues, matched on lower-cased text. Pre cues precede the mention within its clause; post cues follow it.
 UNCERTAIN_POST = re.compile(r"can ?not be (?:excluded|ruled out)|not (?:be )?(?:entirely |completely )?excluded|(?:is|are) not ruled out"
-                            r"|(?:is|are|was|were) (?:suspected|questionable|less likely|unlikely|favou?red|a consideration)|if any|(?:could|may|might) be present|\?"
-                            r"|(?:is|are|was|were) (?:likely|possible|probable)(?=\W*$|\W+(?:present|given|in|at|on|within|and|but)\b)")
+                            r"|(?:is|are|was|were) (?:also |still )?(?:suspected|questionable|less likely|unlikely|favou?red|a consideration)|if any|(?:could|may|might) be present|\?"
+                            r"|(?:is|are|was|were) (?:also |still )?(?:likely|possible|probable)(?=\W*$|\W+(?:present|given|in|at|on|within|and|but)\b)")
 UNCERTAIN_POST_WEAK = re.compile(r"^(?:,? (?:or|versus|vs\.?|and/or)\b|/)")  # "atelectasis or pneumonia": both uncertain (CheXpert)
 NEGATION_POST = re.compile(
     r"\b(?:(?:is|are|has|have) (?:now )?(?:been )?(?:resolved|cleared|removed|absent)|not (?:seen|identified|present|demonstrated|visualized|appreciated"

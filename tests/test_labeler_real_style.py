@@ -1,7 +1,8 @@
 """The labeler on real-style radiology sentences (IU X-Ray / MIMIC-CXR wording, hand-written, no patient data).
 
 tests/data/labeler_sentences.jsonl was used while writing the rules; tests/data/labeler_sentences_heldout.jsonl was
-written before the rules were changed and only scored at the end, as was labeler_sentences_heldout2.jsonl, written later. Each row lists the expected label of every
+written before the rules were changed and only scored at the end, as was labeler_sentences_heldout2.jsonl (written
+later). Each row lists the expected label of every
 observation the text mentions; unlisted observations are expected not mentioned (None), and "No Finding", when not
 listed, is 1 unless a listed pathology is positive or uncertain.
 """

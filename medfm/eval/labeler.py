@@ -68,8 +68,9 @@ SOFT_NORMAL = re.compile(r"stable|similar")
 NO_BEFORE = re.compile(r"\b(?:no|not|without)\W+(?:\w+\W+)?$")
 HEDGE = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|likely|questionabl[ey]|suspect\w*|borderline|equivocal)\b|\?")
 
-# Findings outside the 14 that still mean the study is not normal (CheXpert's no_finding phrase list, plus tortuous aorta).
-OTHER_FINDINGS = (r"emphysema\w*|hyperinfla\w*|hyperexpan\w*|\bcopd\b|bullae|bullous|blunt\w*|elevat\w*|eventration|scoliosis|kyphosis|kyphoscoliosis"
+# Findings outside the 14 that still mean the study is not normal (CheXpert's no_finding phrase list, plus a few such as tortuous aorta).
+OTHER_FINDINGS = (r"emphysema\w*|hyperinfla\w*|hyperexpan\w*|hyperdisten\w*|arthrit\w*|lordosis|cysts?|cystic"
+                  r"|(?:increased|coarse\w*|accentuated) (?:bronchovascular|lung|pulmonary|vascular) markings|\bcopd\b|bullae|bullous|blunt\w*|elevat\w*|eventration|scoliosis|kyphosis|kyphoscoliosis"
                   r"|degenerat\w*|spondylo\w*|osteophyt\w*|calcifi\w*|granulom\w*|hernia|atherosclero\w*|osteopenia|metasta\w*|pneumomediastinum"
                   r"|pneumoperitoneum|cephalization|aspiration|contusion|bronchiectasis|bronchitis|bronchiolitis|airways? disease|cuffing"
                   r"|hemorrhage|hematoma|deformit\w*|volume loss|tortu\w*|ectatic|ectasia|pulmonary (?:arterial )?hypertension|hyperlucen\w*"

@@ -10,6 +10,7 @@ listed, is 1 unless a listed pathology is positive or uncertain.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,14 @@ DEV = load_rows("labeler_sentences.jsonl")
 @pytest.mark.parametrize("text, expected", DEV, ids=[text[:50] for text, _ in DEV])
 def test_real_style_sentence(text, expected):
     assert label_report(text) == expected
+
+
+def test_case_and_tokenisation_do_not_change_labels():
+    """Lower-cased, upper-cased and R2Gen-style tokenised reports ("the heart is normal . no effusion .") label alike."""
+    for text, expected in DEV:
+        tokenised = re.sub(r"\s+", " ", re.sub(r"([.,;:])", r" \1 ", text.lower()))
+        for variant in (text.lower(), text.upper(), tokenised):
+            assert label_report(variant) == expected, variant
 
 
 @pytest.mark.parametrize("name", ["labeler_sentences_heldout.jsonl", "labeler_sentences_heldout2.jsonl"])

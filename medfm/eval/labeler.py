@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from ..data.phantom import CHEXPERT_LABELS
-from ..data.reports import split_sections, split_sentences
+from ..data.reports import split_sections
 
 # Finding mentions: their polarity comes from negation / uncertainty cues.
 MENTIONS = {
@@ -182,11 +182,17 @@ def findings_text(report: str) -> str:
     return " ".join(body for name, body in sections.items() if name not in NOT_FINDINGS)
 
 
+def sentences(text: str) -> list[str]:
+    """Sentences at every full stop, whatever the case after it ("normal . no effusion ." as in lower-cased, tokenised reports)."""
+    text = re.sub(r"\bvs\.", "vs", re.sub(r"\s+([.,;:!?])", r"\1", text), flags=re.I)
+    return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
+
+
 def label_report(report: str) -> dict[str, float | None]:
     """The 14 CheXpert labels of one report (its findings, impression and any text outside named sections)."""
     votes: dict[str, list[float]] = {label: [] for label in [*CHEXPERT_LABELS, OTHER]}
     opacity_child = False
-    for sentence in split_sentences(findings_text(report)):
+    for sentence in sentences(findings_text(report)):
         text = NOT_A_NEGATION.sub("stable", sentence.lower())
         found = [(int(m.lastgroup[1:]), m.span(m.lastgroup)) for m in MENTION_SCAN.finditer(text)]
         if not found:

@@ -112,7 +112,8 @@ UNCERTAIN_PRE_WEAK = re.compile(r"(?:\b(?:or|versus|vs|and/or)(?: \w+)?\W*|/)$")
 NEAR_WINDOW = 3  # "normal" negates only what it directly qualifies ("normal heart size", not "normal heart size, and an effusion")
 NEGATION_NEAR = re.compile(r"\b(?:normal|unremarkable)\b")
 # Phrases that carry a cue word but state no negation: "no change in the effusion" still reports an effusion.
-NOT_A_NEGATION = re.compile(r"\bno (?:significant |interval |appreciable |substantial |definite )?change(?: in| of)?\b|\bnot changed\b|\bunchanged\b")
+NOT_A_NEGATION = re.compile(r"\bno (?:significant |interval |appreciable |substantial |definite )?change(?: in| of)?\b|\bnot changed\b|\bunchanged\b"
+                            r"|\b(?:partially|partly|incompletely) (?:resolved|cleared)\b")
 # A cue applies within its clause: these words or marks start a new one.
 CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|except|aside from|apart from|which|whereas|while|otherwise|after|following)\b|[;:]"
                           r"|\bwith (?!no\b)|,? and (?=there\b|the\b|an?\b|is\b|are\b)|, (?=there\b)")

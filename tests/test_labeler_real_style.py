@@ -1,7 +1,8 @@
 """The labeler on real-style radiology sentences (IU X-Ray / MIMIC-CXR wording, hand-written, no patient data).
 
 tests/data/labeler_sentences.jsonl was used while writing the rules; tests/data/labeler_sentences_heldout.jsonl was
-written before the rules were changed and only scored at the end. Each row lists the expected label of every
+written before the rules were changed and only scored at the end, as was labeler_sentences_heldout2.jsonl (written
+later). Each row lists the expected label of every
 observation the text mentions; unlisted observations are expected not mentioned (None), and "No Finding", when not
 listed, is 1 unless a listed pathology is positive or uncertain.
 """
@@ -9,6 +10,7 @@ listed, is 1 unless a listed pathology is positive or uncertain.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,18 @@ def test_real_style_sentence(text, expected):
     assert label_report(text) == expected
 
 
-def test_held_out_sentences():
-    """Not looked at while the rules were written; mean over observations of the four-outcome macro-F1: 0.842 before, 0.992 after."""
-    scores = per_observation_f1(load_rows("labeler_sentences_heldout.jsonl"))
+def test_case_and_tokenisation_do_not_change_labels():
+    """Lower-cased, upper-cased and R2Gen-style tokenised reports ("the heart is normal . no effusion .") label alike."""
+    for text, expected in DEV:
+        tokenised = re.sub(r"\s+", " ", re.sub(r"([.,;:])", r" \1 ", text.lower()))
+        for variant in (text.lower(), text.upper(), tokenised):
+            assert label_report(variant) == expected, variant
+
+
+@pytest.mark.parametrize("name", ["labeler_sentences_heldout.jsonl", "labeler_sentences_heldout2.jsonl"])
+def test_held_out_sentences(name):
+    """Scored after the rules were written (mean over observations of the four-outcome macro-F1): the first set 0.842
+    before the rewrite, 0.992 after; the second, written later, 0.896 before, 0.985 when first scored (its one miss,
+    "no consolidation concerning for pneumonia", was then fixed)."""
+    scores = per_observation_f1(load_rows(name))
     assert sum(scores.values()) / len(scores) >= 0.97, scores

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from ..data.phantom import CHEXPERT_LABELS
-from ..data.reports import split_sentences
+from ..data.reports import split_sections
 
 # Finding mentions: their polarity comes from negation / uncertainty cues.
 MENTIONS = {
@@ -36,15 +36,17 @@ MENTIONS = {
     "Pleural Other": r"pleural (?:thickening|scar\w*|plaques?|calcifications?)|pleural-parenchymal scar\w*|pleuroparenchymal scar\w*"
                      r"|fibrothorax|fibrosis|fibrotic|(?<=effusion or )thickening|(?<=effusions or )thickening",
     "Fracture": r"fractur\w*",
-    "Support Devices": r"tubes?|(?<!pleural )(?<!kerley b )(?<!septal )(?<!fold )(?<!skin )(?<!paraspinal )(?<!junction )(?<!paratracheal )(?<!azygoesophageal )lines?|catheters?|picc|pacemakers?|pacers?|pacing"
-                       r"|defibrillators?|\ba?icd\b|swan[- ]ganz|port-?a-?cath|mediport|(?:chest|power|infusion) port|\bport\b|stents?|drains?"
-                       r"|tracheostomy|hardware|arthroplast\w*|plates?(?![- ]?like| atelecta)|screws?|cannula|coils?|devices?|\becmo\b|impella|balloon pump|\biabp\b|\blvad\b"
+    "Support Devices": r"tubes?|(?<!pleural )(?<!kerley b )(?<!septal )(?<!fold )(?<!skin )(?<!paraspinal )(?<!junction )(?<!paratracheal )"
+                       r"(?<!azygoesophageal )lines?|catheters?|picc|pacemakers?|pacers?|pacing|defibrillators?|\ba?icd\b|swan[- ]ganz|port-?a-?cath"
+                       r"|mediport|(?:chest|power|infusion) port|\bport\b|stents?|drains?|tracheostomy|hardware|arthroplast\w*|plates?(?![- ]?like| atelecta)"
+                       r"|screws?|cannula|coils?|devices?|\becmo\b|impella|balloon pump|\biabp\b|\blvad\b"
                        r"|(?:prosthetic|mechanical|bioprosthetic|artificial) (?:\w+ )?valves?|valve (?:replacement|prosthesis)",
 }
 # Phrases that contain a mention but are not one (CheXpert's "unmention" idea).
 UNMENTIONS = {
     "Lung Lesion": r"calcified (?:\w+ )?nodul\w*|massive|mass effect",
-    "Lung Opacity": r"(?:bone|bony|osseous|mineral|soft tissue|breast) densit\w*|pleural scar\w*|pleural-parenchymal scar\w*|pleuro-?parenchymal scar\w*",
+    "Lung Opacity": r"(?:bone|bony|osseous|mineral|soft tissue|breast) densit\w*|pleural scar\w*|pleural-parenchymal scar\w*"
+                    r"|pleuro-?parenchymal scar\w*",
     "Edema": r"heart failure (?:clinic|service)",
     "Atelectasis": r"(?:vertebral|body|height) collapse\w*",
 }
@@ -54,9 +56,11 @@ ANATOMY = {
     ("Enlarged Cardiomediastinum",): r"mediastinum|mediastinal (?:and hilar )?(?:silhouettes?|contours?|structures|width|configuration)",
     ("Cardiomegaly", "Enlarged Cardiomediastinum"): r"cardio ?mediastinal (?:silhouettes?|contours?)|cardiomediastinum",
 }
-ANATOMY_UNMENTIONS = r"heart (?:border|failure|valve)|(?:right|left) heart|(?:over(?:lying)?|in|behind|projecting over|projects over|within) the (?:heart|cardiac)"
+ANATOMY_UNMENTIONS = r"heart (?:border|failure|valve)|(?:right|left) heart" \
+                     r"|(?:over(?:lying)?|in|behind|projecting over|projects over|within) the (?:heart|cardiac)"
 ABNORMAL = r"enlarg\w*|large|increas\w*|prominen\w*|widen\w*|cardiomegaly"
-NORMAL = r"not (?:\w+ )?(?:enlarged|widened|increased)|no longer (?:enlarged|widened)|upper limits? of normal|(?:top|upper)[- ]normal|normal|unremarkable|stable|similar"
+NORMAL = r"not (?:\w+ )?(?:enlarged|widened|increased)|no longer (?:enlarged|widened)|upper limits? of normal|(?:top|upper|high)[- ]normal" \
+         r"|normal|unremarkable|stable|similar"
 UNCERTAIN_SIZE = r"borderline|obscur\w*|difficult to (?:assess|evaluate)|(?:cannot|can not|not) be (?:assessed|evaluated)|poorly (?:assessed|evaluated)" \
                  r"|not (?:well )?(?:assessed|evaluated|visualized)|indeterminate"
 PREDICATE = re.compile(rf"\b(?:(?P<normal>{NORMAL})|(?P<uncertain>{UNCERTAIN_SIZE})|(?P<abnormal>{ABNORMAL}))\b")
@@ -64,12 +68,14 @@ SOFT_NORMAL = re.compile(r"stable|similar")
 NO_BEFORE = re.compile(r"\b(?:no|not|without)\W+(?:\w+\W+)?$")
 HEDGE = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|likely|questionabl[ey]|suspect\w*|borderline|equivocal)\b|\?")
 
-# Findings outside the 14 that still mean the study is not normal (CheXpert's no_finding phrase list, plus tortuous aorta).
-OTHER_FINDINGS = (r"emphysema\w*|hyperinfla\w*|hyperexpan\w*|\bcopd\b|bullae|bullous|blunt\w*|elevat\w*|eventration|scoliosis|kyphosis|kyphoscoliosis"
+# Findings outside the 14 that still mean the study is not normal (CheXpert's no_finding phrase list, plus a few such as tortuous aorta).
+OTHER_FINDINGS = (r"emphysema\w*|hyperinfla\w*|hyperexpan\w*|hyperdisten\w*|arthrit\w*|lordosis|cysts?|cystic"
+                  r"|(?:increased|coarse\w*|accentuated) (?:bronchovascular|lung|pulmonary|vascular) markings|\bcopd\b|bullae|bullous|blunt\w*|elevat\w*|eventration|scoliosis|kyphosis|kyphoscoliosis"
                   r"|degenerat\w*|spondylo\w*|osteophyt\w*|calcifi\w*|granulom\w*|hernia|atherosclero\w*|osteopenia|metasta\w*|pneumomediastinum"
                   r"|pneumoperitoneum|cephalization|aspiration|contusion|bronchiectasis|bronchitis|bronchiolitis|airways? disease|cuffing"
-                  r"|hemorrhage|hematoma|deformit\w*|volume loss|tortu\w*|ectatic|ectasia|pulmonary (?:arterial )?hypertension|hyperlucen\w*|(?<!peribronchial )(?<!wall )thickening"
-                  r"|prominen\w*|inflammat\w*|kerley|enlarged (?:pulmonary|hilar) (?:arter\w*|vessels)|(?:pulmonary|hilar) arter(?:y|ies) (?:is |are )?enlarged|lucenc\w*|(?:lytic|sclerotic|blastic|osseous|bony|bone) lesions?")
+                  r"|hemorrhage|hematoma|deformit\w*|volume loss|tortu\w*|ectatic|ectasia|pulmonary (?:arterial )?hypertension|hyperlucen\w*"
+                  r"|(?<!peribronchial )(?<!wall )thickening|prominen\w*|inflammat\w*|kerley|enlarged (?:pulmonary|hilar) (?:arter\w*|vessels)"
+                  r"|(?:pulmonary|hilar) arter(?:y|ies) (?:is |are )?enlarged|lucenc\w*|(?:lytic|sclerotic|blastic|osseous|bony|bone) lesions?")
 OTHER = "Other Finding"
 
 # One scan finds every mention; each sits in a lookahead so that overlapping ones ("nodular opacity": lesion and opacity) are all found.
@@ -85,7 +91,9 @@ CHF = re.compile(r"heart failure|\bchf\b")  # CheXpert: heart failure also makes
 
 # Cues, matched on lower-cased text. Pre cues precede the mention within its clause; post cues follow it.
 UNCERTAIN_POST = re.compile(r"can ?not be (?:excluded|ruled out)|not (?:be )?(?:entirely |completely )?excluded|(?:is|are) not ruled out"
-                            r"|(?:is|are|was|were) (?:suspected|possible|questionable|likely|less likely|unlikely|probable|favou?red|a consideration)|(?:could|may|might) be present|\?")
+                            r"|(?:is|are|was|were) (?:also |still )?(?:suspected|questionable|less likely|unlikely|favou?red|a consideration)|if any"
+                            r"|(?:could|may|might) be present|\?"
+                            r"|(?:is|are|was|were) (?:also |still )?(?:likely|possible|probable)(?=\W*$|\W+(?:present|given|in|at|on|within|and|but)\b)")
 UNCERTAIN_POST_WEAK = re.compile(r"^(?:,? (?:or|versus|vs\.?|and/or)\b|/)")  # "atelectasis or pneumonia": both uncertain (CheXpert)
 NEGATION_POST = re.compile(
     r"\b(?:(?:is|are|has|have) (?:now )?(?:been )?(?:resolved|cleared|removed|absent)|not (?:seen|identified|present|demonstrated|visualized|appreciated"
@@ -96,17 +104,19 @@ NEGATION_PRE = (r"no|not|without|negative for|free of|clear of|absence of|absent
                 r"|history of|clearing of|disappearance of|rule out|r/o|ruled out")
 UNCERTAIN_PRE = (r"can ?not (?:be )?(?:excluded?|ruled? out)|not exclude|no new|without new|cannot rule out"  # before "no" / "not": they contain them
                  r"|may|might|could|would|possibl[ey]|probabl[ey]|likely|presum\w*|suspect\w*|(?<!no )suspicious|suspicion|question\w*|equivocal"
-                 r"|concern\w* for|worrisome for|favou?red over|(?<!to )suggest\w*|differential|consider\w*|borderline|vague|indeterminate"
+                 r"|concern\w* for|worrisome for|favou?red over|if any|(?<!to )suggest\w*|differential|consider\w*|borderline|vague|indeterminate"
                  r"|obscur\w*(?! by)|not (?:well )?(?:visualized|assessed)|evaluate for|assess for|correlat\w* (?:clinically )?for|clinical correlation")
+LINKING = re.compile(r"concern\w* for|worrisome for|suggest\w*|suspicious")
 PRE_CUE = re.compile(rf"\b(?:(?P<uncertain>{UNCERTAIN_PRE})|(?P<negation>{NEGATION_PRE}))\b")
-UNCERTAIN_PRE_WEAK = re.compile(r"(?:\b(?:or|versus|vs|and/or)(?: \w+)?\W*|/)$")  # "atelectasis or pneumonia": both uncertain (CheXpert), unless negated
+UNCERTAIN_PRE_WEAK = re.compile(r"(?:\b(?:or|versus|vs|and/or)(?: \w+)?\W*|/)$")  # "atelectasis or pneumonia", unless negated
 NEAR_WINDOW = 3  # "normal" negates only what it directly qualifies ("normal heart size", not "normal heart size, and an effusion")
 NEGATION_NEAR = re.compile(r"\b(?:normal|unremarkable)\b")
 # Phrases that carry a cue word but state no negation: "no change in the effusion" still reports an effusion.
-NOT_A_NEGATION = re.compile(r"\bno (?:significant |interval |appreciable |substantial |definite )?change(?: in| of)?\b|\bnot changed\b|\bunchanged\b")
+NOT_A_NEGATION = re.compile(r"\bno (?:significant |interval |appreciable |substantial |definite )?change(?: in| of)?\b|\bnot changed\b|\bunchanged\b"
+                            r"|\b(?:partially|partly|incompletely) (?:resolved|cleared)\b")
 # A cue applies within its clause: these words or marks start a new one.
-CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|except|aside from|apart from|which|whereas|while|otherwise)\b|[;:]|\bwith (?!no\b)|\b(?:after|following)\b"
-                          r"|,? and (?=there\b|the\b|an?\b|is\b|are\b)|, (?=there\b)")
+CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|except|aside from|apart from|which|whereas|while|otherwise|after|following)\b|[;:]"
+                          r"|\bwith (?!no\b)|,? and (?=there\b|the\b|an?\b|is\b|are\b)|, (?=there\b)")
 
 
 def _clause_bounds(breaks: list[tuple[int, int]], length: int, start: int, end: int) -> tuple[int, int]:
@@ -129,9 +139,12 @@ def mention_polarity(sentence: str, start: int, end: int, breaks: list[tuple[int
         return -1.0
     if NEGATION_NEAR.search(_last_words(before, NEAR_WINDOW)):
         return 0.0
-    cues = PRE_CUE.findall(before)
-    if cues:  # the cue nearest the mention wins: "no pneumothorax, possible small effusion"
-        return -1.0 if cues[-1][0] else 0.0
+    cues = list(PRE_CUE.finditer(before))
+    if cues:  # the cue nearest the mention wins ("no pneumothorax, possible small effusion"), but a negated finding
+        last = cues[-1]  # negates what it would link to: "no consolidation concerning for pneumonia"
+        if last.lastgroup == "uncertain" and LINKING.fullmatch(last.group()) and any(c.lastgroup == "negation" for c in cues[:-1]):
+            return 0.0
+        return -1.0 if last.lastgroup == "uncertain" else 0.0
     if NEGATION_POST.search(after):
         return 0.0
     return -1.0 if UNCERTAIN_POST_WEAK.search(after) or UNCERTAIN_PRE_WEAK.search(_last_words(before, 3)) else 1.0
@@ -159,11 +172,28 @@ def _overlaps(spans: list[tuple[int, int]], start: int, end: int) -> bool:
     return any(start < s_end and end > s_start for s_start, s_end in spans)
 
 
+# Sections that ask or describe the exam rather than report findings ("INDICATION: ? pneumonia").
+NOT_FINDINGS = {"indication", "indications", "clinical history", "history", "comparison", "comparisons", "technique", "examination",
+                "reason for exam", "reason for study", "notification"}
+
+
+def findings_text(report: str) -> str:
+    """The report without its indication / history / comparison / technique sections."""
+    sections = split_sections(re.sub(r"\s+", " ", report or "").strip())
+    return " ".join(body for name, body in sections.items() if name not in NOT_FINDINGS)
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences at every full stop, whatever the case after it ("normal . no effusion ." as in lower-cased, tokenised reports)."""
+    text = re.sub(r"\bvs\.", "vs", re.sub(r"\s+([.,;:!?])", r"\1", text), flags=re.I)
+    return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
+
+
 def label_report(report: str) -> dict[str, float | None]:
-    """The 14 CheXpert labels of one report."""
+    """The 14 CheXpert labels of one report (its findings, impression and any text outside named sections)."""
     votes: dict[str, list[float]] = {label: [] for label in [*CHEXPERT_LABELS, OTHER]}
     opacity_child = False
-    for sentence in split_sentences(re.sub(r"\s+", " ", report or "").strip()):
+    for sentence in sentences(findings_text(report)):
         text = NOT_A_NEGATION.sub("stable", sentence.lower())
         found = [(int(m.lastgroup[1:]), m.span(m.lastgroup)) for m in MENTION_SCAN.finditer(text)]
         if not found:

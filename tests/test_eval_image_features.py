@@ -134,6 +134,11 @@ def test_open_clip_folder_in_hub_layout(images, open_clip_folder):
     assert extract_features(images["a"][1][:2], extractor).shape == (2, 16)
 
 
+def test_a_folder_without_a_model_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        feature_extractor(str(tmp_path))
+
+
 def test_image_only_backbone_refuses_alignment(images, rad_dino_folder):
     with pytest.raises(ValueError, match="no text tower"):
         image_text_alignment(images["a"][1][:2], images["a"][2][:2], feature_extractor(str(rad_dino_folder)))
@@ -215,6 +220,6 @@ def test_several_extractors_in_one_command(tmp_path, images, rad_dino_folder, si
     audit = metrics["memorization"]
     assert audit["extractor"] == names[0] and len(audit["reid"]["scores"]) == 16 and len(audit["pixel"]["nearest_distance"]) == 16
     page = (tmp_path / "out" / "index.html").read_text()
-    assert all(f">{name}</th>" for name in names) and "Re-identification" in page and f"alignment ({siglip_folder.name})" in page
+    assert all(f">{name}</th>" in page for name in names) and "Re-identification" in page and f"alignment ({siglip_folder.name})" in page
     assert "index.html" in capsys.readouterr().out
     assert np.isfinite([entry["fid"] for entry in metrics["features"].values()]).all()

@@ -223,3 +223,23 @@ def test_several_extractors_in_one_command(tmp_path, images, rad_dino_folder, si
     assert all(f">{name}</th>" in page for name in names) and "Re-identification" in page and f"alignment ({siglip_folder.name})" in page
     assert "index.html" in capsys.readouterr().out
     assert np.isfinite([entry["fid"] for entry in metrics["features"].values()]).all()
+
+
+def test_open_clip_hf_hub_spec_loads_from_a_hub(open_clip_folder, monkeypatch, tmp_path):
+    """`hf-hub:org/repo` (BiomedCLIP's spec form) through the real huggingface_hub client, against the local test Hub."""
+    from huggingface_hub import HfApi, constants
+
+    from hub_server import LocalHub
+
+    with LocalHub("hf_medfmTestToken") as server:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        for name, value in (("ENDPOINT", server.endpoint), ("HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"),
+                            ("HF_HUB_OFFLINE", False), ("HF_HUB_DISABLE_XET", True), ("HF_HUB_CACHE", str(tmp_path / "cache"))):
+            monkeypatch.setattr(constants, name, value)
+        api = HfApi(endpoint=server.endpoint, token="hf_medfmTestToken")
+        repo = api.create_repo("tiny-biomedclip").repo_id
+        api.upload_folder(repo_id=repo, folder_path=open_clip_folder)
+        extractor = feature_extractor(f"hf-hub:{repo}")
+    weights = safetensors.torch.load_file(open_clip_folder / "open_clip_model.safetensors")
+    assert isinstance(extractor, OpenClipImageFeatures) and all(torch.equal(weights[k], v) for k, v in extractor.model.state_dict().items())
+    assert extractor_keys([f"hf-hub:{repo}"]) == ["tiny-biomedclip"]

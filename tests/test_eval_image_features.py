@@ -170,6 +170,16 @@ def test_reid_hook_scores_copies_as_the_same_patient(images, reid_folder):
     assert torch.allclose(scores, expected, atol=1e-5) and (scores < 0.5).all()
 
 
+def test_reid_folder_with_an_exported_program(tmp_path, images):
+    example = torch.rand(2, 1, 48, 48)
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(PixelSiamese(), (example, example), dynamic_shapes=({0: batch}, {0: batch})), tmp_path / "reid_model.pt2")
+    (tmp_path / "reid_config.json").write_text(json.dumps({"image_size": 48, "channels": 1}))
+    training = images["a"][1][:5]
+    scores = ReidentificationModel(tmp_path).score(training, training)
+    assert scores.shape == (5,) and torch.allclose(scores, torch.sigmoid(torch.tensor(8.0)))
+
+
 def test_reid_folder_errors_name_the_fix(tmp_path, reid_folder):
     with pytest.raises(FileNotFoundError, match="torch.jit.trace"):
         ReidentificationModel(tmp_path)

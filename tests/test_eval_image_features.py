@@ -134,6 +134,11 @@ def test_open_clip_folder_in_hub_layout(images, open_clip_folder):
     assert extract_features(images["a"][1][:2], extractor).shape == (2, 16)
 
 
+def test_a_folder_without_a_model_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        feature_extractor(str(tmp_path))
+
+
 def test_image_only_backbone_refuses_alignment(images, rad_dino_folder):
     with pytest.raises(ValueError, match="no text tower"):
         image_text_alignment(images["a"][1][:2], images["a"][2][:2], feature_extractor(str(rad_dino_folder)))
@@ -163,6 +168,16 @@ def test_reid_hook_scores_copies_as_the_same_patient(images, reid_folder):
     x, y = (v2.functional.resize(images_.float() / 255, [48, 48], antialias=True)[:, :1] for images_ in (inverted, training[:4]))
     expected = torch.sigmoid(8 - 80 * (((x - 0.5) / 0.5) - ((y - 0.5) / 0.5)).abs().mean(dim=(1, 2, 3)))
     assert torch.allclose(scores, expected, atol=1e-5) and (scores < 0.5).all()
+
+
+def test_reid_folder_with_an_exported_program(tmp_path, images):
+    example = torch.rand(2, 1, 48, 48)
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(PixelSiamese(), (example, example), dynamic_shapes=({0: batch}, {0: batch})), tmp_path / "reid_model.pt2")
+    (tmp_path / "reid_config.json").write_text(json.dumps({"image_size": 48, "channels": 1}))
+    training = images["a"][1][:5]
+    scores = ReidentificationModel(tmp_path).score(training, training)
+    assert scores.shape == (5,) and torch.allclose(scores, torch.sigmoid(torch.tensor(8.0)))
 
 
 def test_reid_folder_errors_name_the_fix(tmp_path, reid_folder):
@@ -215,6 +230,26 @@ def test_several_extractors_in_one_command(tmp_path, images, rad_dino_folder, si
     audit = metrics["memorization"]
     assert audit["extractor"] == names[0] and len(audit["reid"]["scores"]) == 16 and len(audit["pixel"]["nearest_distance"]) == 16
     page = (tmp_path / "out" / "index.html").read_text()
-    assert all(f">{name}</th>" for name in names) and "Re-identification" in page and f"alignment ({siglip_folder.name})" in page
+    assert all(f">{name}</th>" in page for name in names) and "Re-identification" in page and f"alignment ({siglip_folder.name})" in page
     assert "index.html" in capsys.readouterr().out
     assert np.isfinite([entry["fid"] for entry in metrics["features"].values()]).all()
+
+
+def test_open_clip_hf_hub_spec_loads_from_a_hub(open_clip_folder, monkeypatch, tmp_path):
+    """`hf-hub:org/repo` (BiomedCLIP's spec form) through the real huggingface_hub client, against the local test Hub."""
+    from huggingface_hub import HfApi, constants
+
+    from hub_server import LocalHub
+
+    with LocalHub("hf_medfmTestToken") as server:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        for name, value in (("ENDPOINT", server.endpoint), ("HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"),
+                            ("HF_HUB_OFFLINE", False), ("HF_HUB_DISABLE_XET", True), ("HF_HUB_CACHE", str(tmp_path / "cache"))):
+            monkeypatch.setattr(constants, name, value)
+        api = HfApi(endpoint=server.endpoint, token="hf_medfmTestToken")
+        repo = api.create_repo("tiny-biomedclip").repo_id
+        api.upload_folder(repo_id=repo, folder_path=open_clip_folder)
+        extractor = feature_extractor(f"hf-hub:{repo}")
+    weights = safetensors.torch.load_file(open_clip_folder / "open_clip_model.safetensors")
+    assert isinstance(extractor, OpenClipImageFeatures) and all(torch.equal(weights[k], v) for k, v in extractor.model.state_dict().items())
+    assert extractor_keys([f"hf-hub:{repo}"]) == ["tiny-biomedclip"]

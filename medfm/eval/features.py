@@ -14,7 +14,6 @@ the backbone from the spec a user types:
 
 from __future__ import annotations
 
-import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -197,6 +196,10 @@ def _is_transformers(spec: str) -> bool:
 
 def feature_extractor(spec: str = "inception", device: str | torch.device = "cpu") -> nn.Module:
     """The extractor a spec names (see the module docstring), on `device`, in eval mode."""
+    folder = Path(spec)
+    if folder.is_dir() and not any((folder / name).is_file() for name in ("config.json", "open_clip_config.json")):
+        raise FileNotFoundError(f"--feature_extractor {spec}: the folder has neither config.json (a transformers model saved with "
+                                "save_pretrained, plus its preprocessor_config.json) nor open_clip_config.json (an open_clip model)")
     if spec == "inception":
         module = InceptionFeatures()
     elif _is_transformers(spec):
@@ -233,11 +236,3 @@ def extract_features(images: torch.Tensor, extractor: nn.Module, batch_size: int
     with torch.no_grad():
         return torch.cat([extractor(batch.to(device)).float().cpu() for batch in tqdm(batches, desc=desc, unit="batch")])
 
-
-def describe(spec: str, extractor: nn.Module) -> dict:
-    """What an output names about an extractor: its spec and feature size (and a folder's model type)."""
-    info = {"spec": spec, "num_features": int(extractor.num_features)}
-    config = Path(spec) / "config.json"
-    if config.is_file():
-        info["model_type"] = json.loads(config.read_text()).get("model_type")
-    return info

@@ -193,17 +193,18 @@ def nearest_training_features(generated: torch.Tensor, training: torch.Tensor) -
     """Per generated feature vector: the nearest training vector by cosine ("index", "cosine"), and the smallest
     Euclidean distance to any training vector over sqrt(D) ("distance": CheXGenBench's latent distance, normalised)."""
     gen, train = generated.float(), training.float()
-    cosine, index = torch.cat([chunk @ nn.functional.normalize(train, dim=-1).T for chunk in torch.split(nn.functional.normalize(gen, dim=-1), 1024)]).max(dim=1)
+    unit_train = nn.functional.normalize(train, dim=-1)
+    best = [(chunk @ unit_train.T).max(dim=1) for chunk in torch.split(nn.functional.normalize(gen, dim=-1), 1024)]
     distance = torch.cat([torch.cdist(chunk, train).min(dim=1).values for chunk in torch.split(gen, 1024)]) / math.sqrt(gen.shape[1])
-    return {"index": index, "cosine": cosine, "distance": distance}
+    return {"index": torch.cat([b.indices for b in best]), "cosine": torch.cat([b.values for b in best]), "distance": distance}
 
 
 def nearest_training_pixels(generated: torch.Tensor, training: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per generated image: the nearest training image in pixel space ("index") and its root-mean-square intensity
     distance on a [0, 1] scale ("distance"), at the evaluation resolution."""
     gen, train = _gray(generated).flatten(1), _gray(training).flatten(1)
-    distance, index = torch.cat([torch.cdist(chunk, train) for chunk in torch.split(gen, 256)]).min(dim=1)
-    return {"index": index, "distance": distance / math.sqrt(gen.shape[1])}
+    best = [torch.cdist(chunk, train).min(dim=1) for chunk in torch.split(gen, 256)]
+    return {"index": torch.cat([b.indices for b in best]), "distance": torch.cat([b.values for b in best]) / math.sqrt(gen.shape[1])}
 
 
 def memorization_audit(

@@ -5,6 +5,7 @@ in, one logit out, sigmoid > 0.5 meaning "same patient". medfm runs any such pai
 
     reid/
       reid_model.pt       TorchScript module: forward(images_a, images_b) -> (N,) or (N, 1) same-patient logits
+                          (or reid_model.pt2: the same as a torch.export program with a dynamic batch dimension)
       reid_config.json    optional; defaults are Packhäuser's/CheXGenBench's preprocessing:
                           {"image_size": 224, "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1],
                            "output": "logits", "threshold": 0.5}
@@ -14,8 +15,12 @@ for a network that applies the sigmoid itself. To convert Packhäuser's ResNet-5
 
     model = SiameseNetwork(network="ResNet-50", in_channels=3, n_features=128)
     model.load_state_dict(torch.load("ResNet-50_epoch11_data_handling_RPN.pth", map_location="cpu"))
-    example = torch.rand(1, 3, 224, 224)
+    example = torch.rand(2, 3, 224, 224)
     torch.jit.trace(model.eval(), (example, example)).save("reid/reid_model.pt")
+    # or, since TorchScript is deprecated in recent torch:
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model.eval(), (example, example), dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(program, "reid/reid_model.pt2")
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-REID_MODEL_NAME, REID_CONFIG_NAME = "reid_model.pt", "reid_config.json"
+REID_MODEL_NAME, REID_EXPORTED_NAME, REID_CONFIG_NAME = "reid_model.pt", "reid_model.pt2", "reid_config.json"
 REID_DEFAULTS = {"image_size": 224, "channels": 3, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "output": "logits", "threshold": 0.5}
 
 
@@ -37,9 +42,9 @@ class ReidentificationModel:
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
         folder = Path(folder)
-        weights = folder / REID_MODEL_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"--reid_model {folder}: no {REID_MODEL_NAME} there; save your Siamese network with "
+        scripted, exported = folder / REID_MODEL_NAME, folder / REID_EXPORTED_NAME
+        if not scripted.is_file() and not exported.is_file():
+            raise FileNotFoundError(f"--reid_model {folder}: no {REID_MODEL_NAME} or {REID_EXPORTED_NAME} there; save your Siamese network with "
                                     f"torch.jit.trace(model, (x, x)).save('{folder}/{REID_MODEL_NAME}') (see medfm/eval/reid.py)")
         config_path = folder / REID_CONFIG_NAME
         given = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -50,7 +55,10 @@ class ReidentificationModel:
         if self.config["output"] not in ("logits", "probabilities"):
             raise ValueError(f"{config_path}: output must be 'logits' or 'probabilities', not {self.config['output']!r}")
         self.folder, self.device = folder, torch.device(device)
-        self.network = torch.jit.load(str(weights), map_location=self.device).eval()
+        if exported.is_file():
+            self.network = torch.export.load(str(exported)).module().to(self.device)
+        else:
+            self.network = torch.jit.load(str(scripted), map_location=self.device).eval()
         channels = self.config["channels"]
         self.mean = torch.tensor(self.config["mean"][:channels], device=self.device).view(1, channels, 1, 1)
         self.std = torch.tensor(self.config["std"][:channels], device=self.device).view(1, channels, 1, 1)

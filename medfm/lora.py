@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 
 from .models.families.base import LORA_WEIGHTS_NAME  # noqa: F401  (the adapter file's name, imported from here by callers)
 
 
 def attach_lora(model: torch.nn.Module, rank: int, alpha: int | None, dropout: float, target_modules: list[str]) -> None:
-    """Freeze `model` and add a trainable LoRA adapter (diffusers and transformers models both have add_adapter)."""
+    """Freeze `model` and add a trainable LoRA adapter named "default" (diffusers and transformers models have add_adapter;
+    models without it, e.g. PixArt's transformer, get the same through peft's inject_adapter_in_model)."""
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=target_modules)
-    model.add_adapter(config)
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, model)
+        model.peft_config = {"default": config}
 
 
 def lora_parameters(*models: torch.nn.Module | None) -> list[torch.nn.Parameter]:

@@ -198,7 +198,7 @@ class TextToImageLoRARecipe(LoRARecipe):
             texts = [self.dataset.text(int(i)) for i in batch["index"]]
             with torch.set_grad_enabled(self.config.train_text_encoder):
                 conditioning = self.family.encode_prompts(self.pipe, texts, self.config.max_sequence_length)
-        prediction = self.family.predict(self.denoiser, noised.latents, noised.timesteps, conditioning, self.config)
+        prediction = self.family.predict(self.pipe, self.denoiser, noised.latents, noised.timesteps, conditioning, self.config)
         return self.objective.loss(prediction, noised)
 
     # ------------------------------------------------------------------------------------------------ outputs

@@ -8,7 +8,9 @@ model class, model_index.json's pipeline `_class_name` maps to a family here).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -108,8 +110,9 @@ class DiffusionFamily:
             return DDPMObjective(scheduler, cfg.snr_gamma, cfg.noise_offset)
         return FlowMatchingObjective(pipe.scheduler.config, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale)
 
-    def predict(self, denoiser, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor], cfg) -> torch.Tensor:
-        """The denoiser's prediction for noised latents, in the latents' layout."""
+    def predict(self, pipe, denoiser, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor], cfg) -> torch.Tensor:
+        """The denoiser's prediction for noised latents, in the latents' layout (`denoiser`: the trained, possibly wrapped, module;
+        `pipe`: the rest of the base)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------ LoRA
@@ -149,6 +152,15 @@ class DiffusionFamily:
         """Load an adapter folder into a pipeline the way a user without medfm would."""
         pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_NAME)
 
+    @contextmanager
+    def adapter_disabled(self, pipe):
+        """The pipeline renders as the base alone inside this block (its LoRA layers switched off, no second copy loaded)."""
+        pipe.disable_lora()
+        try:
+            yield pipe
+        finally:
+            pipe.enable_lora()
+
     def fuse_adapter(self, pipe) -> None:
         """Fold the loaded LoRA into the base weights (for `medfm merge`)."""
         pipe.fuse_lora(components=[self.denoiser, *self.text_encoders])
@@ -173,3 +185,8 @@ def tokenizer_identity(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(f"{type(tokenizer).__name__}\0{tokenizer.model_max_length}\0{text}".encode()).hexdigest()
+
+
+def call_default(pipeline_class, argument: str):
+    """The default of one of a pipeline's `__call__` arguments (what a plain `pipe(prompt)` uses)."""
+    return inspect.signature(pipeline_class.__call__).parameters[argument].default

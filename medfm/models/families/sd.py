@@ -37,7 +37,7 @@ class StableDiffusion(DiffusionFamily):
     def pipeline_kwargs(self, max_sequence_length):
         return {}
 
-    def predict(self, denoiser, latents, timesteps, conditioning, cfg) -> torch.Tensor:
+    def predict(self, pipe, denoiser, latents, timesteps, conditioning, cfg) -> torch.Tensor:
         return denoiser(latents, timesteps, conditioning["encoder_hidden_states"], return_dict=False)[0]
 
     def build_tiny(self, seed=0):

@@ -3,7 +3,8 @@
 Both train the same Sana base (a tiny one built from configs and saved as a plain diffusers folder, or any Sana folder)
 on the same data: phantoms written as an imagefolder whose per-image captions are the report impressions, which the
 diffusers script reads through `--dataset_name DIR --caption_column impression`. Same resolution, batch, steps, rank,
-learning rate, timestep weighting, precision and seed. medfm runs `recipes/configs/sana-0.6b-mimic-cxr.yaml` with those
+learning rate, LoRA targets, timestep weighting, prompt (SanaPipeline's complex human instruction + the caption, as
+medfm encodes it), precision and seed. medfm runs `recipes/configs/sana-0.6b-mimic-cxr.yaml` with those
 keys overridden. The diffusers script is not part of medfm: it is read at run time from a diffusers checkout
 (`--diffusers_repo`: a git directory, e.g. the one `git clone --bare https://github.com/huggingface/diffusers` makes, or
 a work tree), written to a temporary folder and run there. Each arm runs in its own process (its peak RSS is its own);
@@ -74,7 +75,8 @@ def script_args(args, work: Path, cache_latents: bool = False) -> list[str]:
     flags = ["--pretrained_model_name_or_path", args.base_path, "--dataset_name", args.data_dir, "--image_column", "image",
              "--caption_column", CAPTION_COLUMN, "--instance_prompt", "a chest radiograph", "--output_dir", str(work / "diffusers-out"),
              "--resolution", str(args.resolution), "--center_crop", "--train_batch_size", str(args.train_batch_size),
-             "--max_train_steps", str(args.max_train_steps), "--rank", str(args.rank), "--learning_rate", str(args.learning_rate),
+             "--max_train_steps", str(args.max_train_steps), "--rank", str(args.rank), "--lora_alpha", str(args.rank), "--lora_layers", args.lora_layers,
+             "--learning_rate", str(args.learning_rate),
              "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--weighting_scheme", args.weighting_scheme,
              "--max_sequence_length", str(args.max_sequence_length), "--mixed_precision", args.mixed_precision, "--seed", str(args.seed),
              "--checkpointing_steps", str(10**9), "--dataloader_num_workers", str(args.dataloader_num_workers), "--report_to", "tensorboard"]
@@ -90,11 +92,11 @@ def run_medfm(args, work: Path) -> StepClock:
 
     overrides = dict(pretrained_model_name_or_path=args.base_path, train_data_dir=args.data_dir, output_dir=str(work / "medfm-out"),
                      cache_dir=str(work / "cache"), resolution=args.resolution, train_batch_size=args.train_batch_size, gradient_accumulation_steps=1,
-                     max_train_steps=args.max_train_steps, rank=args.rank, lora_alpha=args.rank, learning_rate=args.learning_rate,
+                     max_train_steps=args.max_train_steps, rank=args.rank, lora_alpha=args.rank, lora_layers=args.lora_layers, learning_rate=args.learning_rate,
                      lr_scheduler="constant", lr_warmup_steps=0, weighting_scheme=args.weighting_scheme, max_sequence_length=args.max_sequence_length,
                      mixed_precision=args.mixed_precision, use_8bit_adam=args.use_8bit_adam, gradient_checkpointing=args.gradient_checkpointing,
                      seed=args.seed, dataloader_num_workers=args.dataloader_num_workers, validation_prompt=[], validation_steps=None,
-                     checkpointing_steps=10**9, report_to="none", verify_images=False)
+                     checkpointing_steps=10**9, report_to="tensorboard", verify_images=False)  # both arms log to TensorBoard
     clock = StepClock()
     recipe = TextToImageLoRARecipe(TrainConfig(**{**load_yaml(RECIPE), **overrides}))
     recipe.setup()
@@ -119,8 +121,13 @@ def run_medfm(args, work: Path) -> StepClock:
 def run_diffusers(args, work: Path, cache_latents: bool = False) -> StepClock:
     """diffusers' script in this process (so peak RSS is comparable), unchanged but observed: its learning-rate scheduler's
     step (called once per optimizer update) ticks the clock and its accelerator's backward records the loss."""
+    from medfm.models.families.sana import COMPLEX_HUMAN_INSTRUCTION
+
     script = load_script(diffusers_script(args.diffusers_repo, work / "train_dreambooth_lora_sana.py"))
     script.args = script.parse_args(script_args(args, work, cache_latents))  # its dataset class reads the module-level `args`
+    # The prompt SanaPipeline (and medfm) encodes: the pipeline's instruction list. The script's --complex_human_instruction
+    # flag is a string, which the pipeline's "\n".join would split into characters, so it is set here, as a list.
+    script.args.complex_human_instruction = COMPLEX_HUMAN_INSTRUCTION
     clock = StepClock()
     make_scheduler = script.get_scheduler
 
@@ -128,6 +135,10 @@ def run_diffusers(args, work: Path, cache_latents: bool = False) -> StepClock:
         def backward(self, loss, **kwargs):
             clock.losses.append(loss.item())
             super().backward(loss, **kwargs)
+
+        def init_trackers(self, project_name, config=None, **kwargs):  # TensorBoard's hparams take no lists: the instruction logged as text
+            config = {key: "\n".join(value) if isinstance(value, list) else value for key, value in (config or {}).items()}
+            super().init_trackers(project_name, config=config, **kwargs)
 
     def timed_get_scheduler(*sched_args, **kwargs):
         scheduler = make_scheduler(*sched_args, **kwargs)
@@ -198,7 +209,7 @@ def report(args, runs: dict[str, list[dict]]) -> str:
     median = {arm: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None for key in MEASURES} for arm, rs in runs.items()}
     arms, ref = list(runs), median["diffusers"]
     lines = [f"Machine: {machine()}", f"Setup: base {args.base}, {args.resolution} px, batch {args.train_batch_size}, {args.max_train_steps} steps "
-             f"({args.warmup_steps} warm-up), rank {args.rank}, weighting {args.weighting_scheme}, {args.max_sequence_length} prompt tokens, "
+             f"({args.warmup_steps} warm-up), rank {args.rank} on {args.lora_layers}, weighting {args.weighting_scheme}, {args.max_sequence_length} prompt tokens, "
              f"precision {args.mixed_precision}, 8-bit AdamW {args.use_8bit_adam}, gradient checkpointing {args.gradient_checkpointing}, "
              f"{args.num_images} phantom images with per-image captions, seed {args.seed}; medians of {args.repeats} runs per arm, arms taking turns", "",
              "| | " + " | ".join(ARM_LABELS[arm] for arm in arms) + " |", "|---" * (len(arms) + 1) + "|"]
@@ -224,6 +235,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_images", type=int, default=64, help="phantom images in the training set")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--lora_layers", default="to_k,to_q,to_v,to_out.0", help="both arms (medfm's default; the script's is to_k,to_q,to_v)")
     parser.add_argument("--weighting_scheme", default="logit_normal", help="both arms (the recipe's choice)")
     parser.add_argument("--max_sequence_length", type=int, default=300, help="Gemma prompt tokens, both arms")
     parser.add_argument("--seed", type=int, default=0)

@@ -112,12 +112,13 @@ def generate_images(
     progress = tqdm(desc="Generating", unit="prompt", initial=len(rows) - len(todo), total=len(rows))
     if todo:
         resolution = resolution or family.native_resolution(pipe)
+        trained_length = adapter_training_config(adapter).get("max_sequence_length") if adapter else None  # prompts as training encoded them
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         noise = torch.cat([family.initial_noise(pipe, num_images, seed, resolution)] * len(batch))
         images = pipe([rows[p]["text"] for p in batch], negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
                       num_images_per_prompt=num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      latents=noise, height=resolution, width=resolution, **family.pipeline_kwargs(None)).images
+                      latents=noise, height=resolution, width=resolution, **family.pipeline_kwargs(trained_length)).images
         for index, image in enumerate(images):
             p, i = batch[index // num_images], index % num_images
             info = PngInfo()

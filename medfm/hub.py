@@ -39,7 +39,7 @@ Base family: {family}; trained with {objective}.
 ```python
 import torch
 {loading_code}
-image = pipe("{prompt}", generator=torch.Generator().manual_seed(0)).images[0]
+image = pipe("{prompt}"{call_arguments}, generator=torch.Generator().manual_seed(0)).images[0]
 image.save("radiograph.png")
 ```
 
@@ -206,6 +206,7 @@ def write_text_to_image_card(directory: str | Path, config: TrainConfig, num_pai
         base_link=_base_link(base),
         family=family.display_name,
         objective=objective or family.objective_summary,
+        call_arguments=family.card_call_arguments(config.resolution, config.max_sequence_length),
         loading_code=in_code["base_import"] + family.loading_snippet(in_code["base_expression"], f'"{_adapter_reference(config)}"'),
         data=_data_description(config),
         adapter=_adapter_reference(config),

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .lora import LORA_WEIGHTS_NAME
+from .paths import with_default_mode
 from .models.families import DIFFUSION_FAMILIES
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -101,6 +102,7 @@ def export_kohya(adapter_dir: str | Path, output_file: str | Path | None = None)
     output_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(kohya, str(output_file), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(metadata[f"{family.denoiser}.r"]),
                                                  "ss_network_alpha": str(metadata[f"{family.denoiser}.lora_alpha"]), "format": "pt"})
+    with_default_mode(output_file)
     return output_file
 
 

@@ -20,6 +20,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
+from ...paths import with_default_mode
 from .objectives import DDPMObjective, FlowMatchingObjective
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -131,6 +132,7 @@ class DiffusionFamily:
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
             kwargs[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
         self.pipeline_class.save_lora_weights(directory, weight_name=LORA_WEIGHTS_NAME, **kwargs)
+        with_default_mode(Path(directory) / LORA_WEIGHTS_NAME)
 
     def lora_state_dict(self, directory: str | Path) -> dict[str, torch.Tensor]:
         """The adapter's weights as diffusers reads them, keys prefixed by component (`transformer.`, `text_encoder.`)."""
@@ -160,6 +162,11 @@ class DiffusionFamily:
             yield pipe
         finally:
             pipe.enable_lora()
+
+    def card_call_arguments(self, resolution: int | None, max_sequence_length: int | None) -> str:
+        """Extra arguments of the model card's `pipe(prompt, ...)` call that render as training saw prompts and images."""
+        kwargs = {**({"height": resolution, "width": resolution} if resolution else {}), **self.pipeline_kwargs(max_sequence_length)}
+        return "".join(f", {key}={value!r}" for key, value in kwargs.items())
 
     def fuse_adapter(self, pipe) -> None:
         """Fold the loaded LoRA into the base weights (for `medfm merge`)."""

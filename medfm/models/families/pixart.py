@@ -11,6 +11,7 @@ from diffusers import PixArtSigmaPipeline
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from ...paths import with_default_mode
 from .base import DiffusionFamily, call_default
 from .registry import register
 
@@ -54,6 +55,7 @@ class PixArtSigma(DiffusionFamily):
         directory.mkdir(parents=True, exist_ok=True)
         state = {PEFT_PREFIX + k: v.contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
         save_file(state, str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        with_default_mode(directory / PEFT_WEIGHTS_NAME)
         self.adapter_config(denoiser).save_pretrained(str(directory))  # adapter_config.json
 
     def lora_state_dict(self, directory):

@@ -23,7 +23,7 @@ def supported_pipelines() -> dict[str, str]:
 def read_model_index(path_or_hub_id: str, revision: str | None = None) -> dict:
     """model_index.json of a local pipeline folder, or of a Hub repo (that one file is downloaded)."""
     folder = Path(path_or_hub_id)
-    if folder.is_dir():
+    if folder.is_dir() or folder.is_absolute() or path_or_hub_id.startswith(".") or path_or_hub_id.count("/") > 1:  # a local path, not org/name
         index = folder / "model_index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{folder} has no model_index.json: give a diffusers pipeline folder (pipe.save_pretrained writes one) or a Hub id")

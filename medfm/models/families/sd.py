@@ -37,6 +37,9 @@ class StableDiffusion(DiffusionFamily):
     def pipeline_kwargs(self, max_sequence_length):
         return {}
 
+    def card_call_arguments(self, resolution, max_sequence_length):
+        return ""  # the UNet's native size is the pipeline's default
+
     def predict(self, pipe, denoiser, latents, timesteps, conditioning, cfg) -> torch.Tensor:
         return denoiser(latents, timesteps, conditioning["encoder_hidden_states"], return_dict=False)[0]
 

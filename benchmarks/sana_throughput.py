@@ -63,6 +63,12 @@ def diffusers_script(repo: str, target: Path) -> Path:
     return target
 
 
+def diffusers_commit(repo: str) -> str:
+    """The diffusers commit the script was read from (a work tree or a git directory)."""
+    where = ["-C", repo] if (Path(repo) / SCRIPT).exists() else ["--git-dir", repo]
+    return subprocess.run(["git", *where, "rev-parse", "--short=12", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+
 def load_script(path: Path):
     spec = importlib.util.spec_from_file_location("train_dreambooth_lora_sana", path)
     module = importlib.util.module_from_spec(spec)
@@ -208,7 +214,7 @@ def check_cache_pairing(args, epochs: int = 3) -> dict:
 def report(args, runs: dict[str, list[dict]]) -> str:
     median = {arm: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None for key in MEASURES} for arm, rs in runs.items()}
     arms, ref = list(runs), median["diffusers"]
-    lines = [f"Machine: {machine()}", f"Setup: base {args.base}, {args.resolution} px, batch {args.train_batch_size}, {args.max_train_steps} steps "
+    lines = [f"Machine: {machine()}", f"diffusers script: `{SCRIPT}` at commit {diffusers_commit(args.diffusers_repo)}", f"Setup: base {args.base}, {args.resolution} px, batch {args.train_batch_size}, {args.max_train_steps} steps "
              f"({args.warmup_steps} warm-up), rank {args.rank} on {args.lora_layers}, weighting {args.weighting_scheme}, {args.max_sequence_length} prompt tokens, "
              f"precision {args.mixed_precision}, 8-bit AdamW {args.use_8bit_adam}, gradient checkpointing {args.gradient_checkpointing}, "
              f"{args.num_images} phantom images with per-image captions, seed {args.seed}; medians of {args.repeats} runs per arm, arms taking turns", "",
@@ -269,7 +275,13 @@ def main(argv=None) -> None:
         args.base_path = tiny_sana_base(Path(work) / "tiny-sana") if args.base == "tiny" else args.base
         if args.check_cache_pairing:
             result = check_cache_pairing(args)
-            print(json.dumps(result))
+            text = (f"diffusers' `{SCRIPT}` (commit {diffusers_commit(args.diffusers_repo)}) with `--cache_latents` and per-image captions (`--dataset_name` imagefolder, `--caption_column "
+                    f"{CAPTION_COLUMN}`): its own dataset and shuffled data loader, one caching pass, then {result['epochs']} training passes "
+                    f"reading `latents_cache[step]`. {args.num_images} phantoms, batch {args.train_batch_size}, seed {args.seed}.\n\n"
+                    f"| samples trained | latent from another image | latent from an image with another caption |\n|---|---|---|\n"
+                    f"| {result['samples']} | {result['latent_from_another_image']} | {result['latent_with_another_caption']} |")
+            print(text)
+            write_section(args.results, HEADER, "Sana DreamBooth script: cached latents vs captions (diffusers #14430)", text)
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
             return

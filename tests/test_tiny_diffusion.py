@@ -67,6 +67,9 @@ def test_offline_tokenizer_splits_reports_into_known_pieces_and_round_trips(buil
     ids = tokenizer(REPORT).input_ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == REPORT
 
+    tokenizer.padding_side = "right" if tokenizer.padding_side == "left" else "left"  # as SanaPipeline does to its tokenizer
+    assert build().padding_side != tokenizer.padding_side  # every call builds its own: pipelines never share one
+
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert type(loaded) is type(tokenizer)

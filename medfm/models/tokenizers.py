@@ -51,7 +51,8 @@ def _clip_pieces(num_merges: int) -> list[str]:
     return [p for p in pieces if p.isascii() and p.isprintable() and p]
 
 
-def _sentencepiece_pieces(num_merges: int) -> list[str]:
+@lru_cache
+def _sentencepiece_pieces(num_merges: int) -> tuple[str, ...]:
     """SentencePiece-style pieces ("▁" marks a word start) in frequency order, each with its word-start and upper-case forms.
 
     Derived from CLIP's lower-case BPE so that report words ("effusion", "FINDINGS", "Pleural") split into known pieces.
@@ -60,10 +61,9 @@ def _sentencepiece_pieces(num_merges: int) -> list[str]:
     for piece in _clip_pieces(num_merges):
         for variant in (piece, "▁" + piece, "▁" + piece.capitalize(), piece.upper(), "▁" + piece.upper()):
             pieces.setdefault(variant)
-    return list(pieces)
+    return tuple(pieces)
 
 
-@lru_cache
 def t5_tokenizer(num_merges: int = 4000, model_max_length: int = 512) -> T5TokenizerFast:
     """A T5-style Unigram tokenizer (<pad>=0, </s>=1, <unk>=2, "</s>" appended), offline; pieces from CLIP's BPE.
 
@@ -76,28 +76,20 @@ def t5_tokenizer(num_merges: int = 4000, model_max_length: int = 512) -> T5Token
 
 
 @lru_cache
-def gemma_tokenizer(num_merges: int = 4000, model_max_length: int = 8192) -> GemmaTokenizerFast:
-    """A Gemma-style BPE tokenizer (byte fallback, "▁" for spaces, <bos> prepended), offline; pieces from CLIP's BPE.
-
-    Merges are read off the vocabulary (every split of a piece into two known pieces, ranked by the merged piece), as
-    transformers' SentencePiece converter does for Gemma's own model.
-    """
+def _gemma_vocab_and_merges(num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Gemma's layout (<pad>=0, <eos>=1, <bos>=2, <unk>=3, byte tokens) over the pieces; merges read off the vocabulary
+    (every split of a piece into two known pieces, ranked by the merged piece), as transformers' SentencePiece converter does."""
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
-    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + _sentencepiece_pieces(num_merges)
-    vocab = {token: i for i, token in enumerate(tokens)}
+    pieces = _sentencepiece_pieces(num_merges)
+    vocab = {token: i for i, token in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + list(pieces))}
     merges = sorted(
-        ((piece[:cut], piece[cut:]) for piece in tokens[len(specials) + 256 :] for cut in range(1, len(piece))
-         if piece[:cut] in vocab and piece[cut:] in vocab),
+        ((piece[:cut], piece[cut:]) for piece in pieces for cut in range(1, len(piece)) if piece[:cut] in vocab and piece[cut:] in vocab),
         key=lambda pair: (vocab[pair[0] + pair[1]], vocab[pair[0]], vocab[pair[1]]),
     )
-    tokenizer = GemmaTokenizerFast(vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=True, add_eos_token=False)
-    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-    return tokenizer
+    return vocab, merges
 
 
-# Gemma's turn format (the one its Hub tokenizers ship), for callers that build chat-style prompts.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
+def gemma_tokenizer(num_merges: int = 4000, model_max_length: int = 8192) -> GemmaTokenizerFast:
+    """A Gemma-style BPE tokenizer (byte fallback, "▁" for spaces, <bos> prepended), offline; pieces from CLIP's BPE."""
+    vocab, merges = _gemma_vocab_and_merges(num_merges)
+    return GemmaTokenizerFast(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length, add_bos_token=True, add_eos_token=False)

@@ -116,7 +116,8 @@ def generate_images(
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         noise = torch.cat([family.initial_noise(pipe, num_images, seed, resolution)] * len(batch))
-        images = pipe([rows[p]["text"] for p in batch], negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+        negative = {"negative_prompt": [negative_prompt] * len(batch)} if negative_prompt else {}  # else the pipeline's own default
+        images = pipe([rows[p]["text"] for p in batch], **negative,
                       num_images_per_prompt=num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       latents=noise, height=resolution, width=resolution, **family.pipeline_kwargs(trained_length)).images
         for index, image in enumerate(images):

@@ -78,7 +78,8 @@ def plain_images(base, family_name, adapter=None):
         pipe.transformer = PeftModel.from_pretrained(pipe.transformer, adapter)
     elif adapter:
         pipe.load_lora_weights(adapter)
-    return pipe(PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0), **PLAIN_CALL[family_name]).images
+    return pipe(PROMPT, num_inference_steps=2, height=64, width=64, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
+                **PLAIN_CALL[family_name]).images
 
 
 # ---------------------------------------------------------------------------------------------------- detection and errors

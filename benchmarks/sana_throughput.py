@@ -214,8 +214,9 @@ def check_cache_pairing(args, epochs: int = 3) -> dict:
 def report(args, runs: dict[str, list[dict]]) -> str:
     median = {arm: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None for key in MEASURES} for arm, rs in runs.items()}
     arms, ref = list(runs), median["diffusers"]
-    lines = [f"Machine: {machine()}", f"diffusers script: `{SCRIPT}` at commit {diffusers_commit(args.diffusers_repo)}", f"Setup: base {args.base}, {args.resolution} px, batch {args.train_batch_size}, {args.max_train_steps} steps "
-             f"({args.warmup_steps} warm-up), rank {args.rank} on {args.lora_layers}, weighting {args.weighting_scheme}, {args.max_sequence_length} prompt tokens, "
+    lines = [f"Machine: {machine()}", f"diffusers script: `{SCRIPT}` at commit {diffusers_commit(args.diffusers_repo)}",
+             f"Setup: base {args.base}, {args.resolution} px, batch {args.train_batch_size}, {args.max_train_steps} steps ({args.warmup_steps} warm-up), "
+             f"rank {args.rank} on {args.lora_layers}, weighting {args.weighting_scheme}, {args.max_sequence_length} prompt tokens, "
              f"precision {args.mixed_precision}, 8-bit AdamW {args.use_8bit_adam}, gradient checkpointing {args.gradient_checkpointing}, "
              f"{args.num_images} phantom images with per-image captions, seed {args.seed}; medians of {args.repeats} runs per arm, arms taking turns", "",
              "| | " + " | ".join(ARM_LABELS[arm] for arm in arms) + " |", "|---" * (len(arms) + 1) + "|"]
@@ -275,9 +276,10 @@ def main(argv=None) -> None:
         args.base_path = tiny_sana_base(Path(work) / "tiny-sana") if args.base == "tiny" else args.base
         if args.check_cache_pairing:
             result = check_cache_pairing(args)
-            text = (f"diffusers' `{SCRIPT}` (commit {diffusers_commit(args.diffusers_repo)}) with `--cache_latents` and per-image captions (`--dataset_name` imagefolder, `--caption_column "
-                    f"{CAPTION_COLUMN}`): its own dataset and shuffled data loader, one caching pass, then {result['epochs']} training passes "
-                    f"reading `latents_cache[step]`. {args.num_images} phantoms, batch {args.train_batch_size}, seed {args.seed}.\n\n"
+            text = (f"diffusers' `{SCRIPT}` (commit {diffusers_commit(args.diffusers_repo)}) with `--cache_latents` and per-image captions "
+                    f"(`--dataset_name` imagefolder, `--caption_column {CAPTION_COLUMN}`): its own dataset and shuffled data loader, one caching "
+                    f"pass, then {result['epochs']} training passes reading `latents_cache[step]`. {args.num_images} phantoms, "
+                    f"batch {args.train_batch_size}, seed {args.seed}.\n\n"
                     f"| samples trained | latent from another image | latent from an image with another caption |\n|---|---|---|\n"
                     f"| {result['samples']} | {result['latent_from_another_image']} | {result['latent_with_another_caption']} |")
             print(text)

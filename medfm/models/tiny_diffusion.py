@@ -220,7 +220,8 @@ def build_tiny_lumina2(seed: int = 0) -> Lumina2Pipeline:
             num_kv_heads=1, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(8, 12, 12), axes_lens=(300, 32, 32), cap_feat_dim=32,
         )
         vae = _vae(16, flow=True)
-    pipe = Lumina2Pipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=6.0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=6.0)
+    pipe = Lumina2Pipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     return _as_loaded(pipe)
 
 

@@ -113,14 +113,16 @@ def run_reference(args, data_dir: str, work: Path) -> dict:
 
     from medfm.data.pairs import ImageReportDataset, collate_pairs, pairs_from_imagefolder
     from medfm.lora import attach_lora, lora_parameters
-    from medfm.models.diffusion import load_diffusion_components
+    from diffusers import DDPMScheduler
+
+    from medfm.models.diffusion import load_pipeline
 
     clock = StepClock()
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     set_seed(args.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    parts = load_diffusion_components(args.base_path)
-    vae, text_encoder, unet, scheduler = parts.vae, parts.text_encoder, parts.unet, parts.noise_scheduler
+    parts = load_pipeline(args.base_path)
+    vae, text_encoder, unet, scheduler = parts.vae, parts.text_encoder, parts.unet, DDPMScheduler.from_config(parts.scheduler.config)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     attach_lora(unet, args.rank, args.rank, 0.0, ["to_k", "to_q", "to_v", "to_out.0"])

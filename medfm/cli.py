@@ -21,7 +21,7 @@ def _generate(args) -> None:
     paths = generate_images(args.prompt or read_prompts(args.prompts), args.output_dir, adapter=args.adapter,
                             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
                             num_images=args.num_images, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                            negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size)
+                            negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size, resolution=args.resolution)
     print(f"Wrote {len(paths)} images to {args.output_dir}")
 
 
@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance_scale", type=float, default=7.5)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--batch_size", type=int, default=8, help="Prompts denoised together.")
+    generate.add_argument("--resolution", type=int, help="Image side in px (default: the base's native size).")
     generate.add_argument("--output_dir", default="medfm-generated")
     generate.set_defaults(run=_generate)
 

@@ -149,6 +149,18 @@ class TrainConfig:
                                                     "(default: on unless --train_text_encoder).")
     cache_dir: str | None = _opt(None, "Folder of cached encodings, shared by runs: keyed by content, preprocessing and encoder (default: $MEDFM_HOME/cache).")
     torch_compile: bool = _opt(False, "Compile the trained model with torch.compile (inductor): faster steps after a slow first one; pays off on long runs.")
+    # Text-to-image families (SD 1.x/2.x, SDXL, SD3/3.5, Flux.1, Sana, PixArt-Σ, Lumina 2; names as in diffusers' DreamBooth LoRA scripts)
+    lora_layers: str | None = _opt(None, "text-to-image: comma-separated denoiser modules that get LoRA, replacing the family's default "
+                                         "(attention projections), e.g. to_k,to_q,to_v,to_out.0,ff.net.0.proj,ff.net.2.")
+    weighting_scheme: str = _opt("none", "text-to-image, flow-matching families (SD3, Flux.1, Sana, Lumina 2): timestep density and loss weighting.",
+                                 ["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"])
+    logit_mean: float = _opt(0.0, "text-to-image, flow matching: mean of the 'logit_normal' weighting scheme.")
+    logit_std: float = _opt(1.0, "text-to-image, flow matching: std of the 'logit_normal' weighting scheme.")
+    mode_scale: float = _opt(1.29, "text-to-image, flow matching: scale of the 'mode' weighting scheme.")
+    max_sequence_length: int | None = _opt(None, "text-to-image: prompt tokens of the T5/Gemma encoder (default: the pipeline's, e.g. 300 for Sana).")
+    guidance_scale: float = _opt(3.5, "text-to-image, Flux.1-dev only: the distilled guidance value fed to the transformer while training.")
+    quantize_base: str | None = _opt(None, "text-to-image: QLoRA, the frozen denoiser and large text encoders quantised with bitsandbytes "
+                                           "(CUDA only).", ["nf4", "int8"])
 
     def __post_init__(self):
         for key, default in TASK_DEFAULTS.get(self.task, {}).items():

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers.utils.torch_utils import randn_tensor
 from peft import PeftModel
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
@@ -16,8 +15,8 @@ from transformers import AutoProcessor
 from .data.pairs import read_table
 from .data.report_batches import encode_prompts
 from .hub import resolve_adapter
-from .lora import LORA_WEIGHTS_NAME
-from .models.diffusion import load_pipeline, resolve_base
+from .models.diffusion import resolve_base
+from .models.families import detect_family
 from .models.vlm import load_vlm, resolve_vlm
 
 
@@ -44,12 +43,19 @@ def text_to_image_base(adapter: str | None, pretrained_model_name_or_path: str |
     return resolve_base(pretrained_model_name_or_path)
 
 
+def adapter_family(adapter: str | Path, pretrained_model_name_or_path: str | None = None):
+    """The diffusion family of a text-to-image adapter's base (from its model_index.json)."""
+    return detect_family(text_to_image_base(str(adapter), pretrained_model_name_or_path))
+
+
 def load_text_to_image_pipeline(adapter: str | None = None, pretrained_model_name_or_path: str | None = None, device: str | None = None):
-    """The base pipeline (read from the adapter unless given) with the adapter's LoRA loaded, on `device`."""
+    """The base pipeline (read from the adapter unless given; its family from model_index.json) with the adapter loaded as the
+    family's own pipeline loads it, on `device`."""
     base = text_to_image_base(adapter, pretrained_model_name_or_path)
-    pipe = load_pipeline(base)
+    family = detect_family(base)
+    pipe = family.load_pipeline(base)
     if adapter is not None:
-        pipe.load_lora_weights(str(resolve_adapter(adapter)), weight_name=LORA_WEIGHTS_NAME)
+        family.load_adapter_into(pipe, resolve_adapter(adapter))
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return pipe, base
 
@@ -66,13 +72,6 @@ def read_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
-def initial_noise(pipe, num_images: int, seed: int) -> torch.Tensor:
-    """The latents `pipe(prompt, num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed))` starts from."""
-    size = pipe.unet.config.sample_size  # latent size at the pipeline's default resolution
-    shape = (num_images, pipe.unet.config.in_channels, size, size)
-    return randn_tensor(shape, generator=torch.Generator().manual_seed(seed), dtype=pipe.text_encoder.dtype)
-
-
 def generate_images(
     prompts: list[str] | list[dict],
     output_dir: str | Path,
@@ -85,6 +84,7 @@ def generate_images(
     seed: int = 0,
     batch_size: int = 8,
     pipe=None,
+    resolution: int | None = None,
 ) -> list[Path]:
     """Write `num_images` PNGs per prompt plus metadata.jsonl (an imagefolder medfm can train or evaluate on).
 
@@ -93,7 +93,8 @@ def generate_images(
     generator=torch.Generator().manual_seed(seed))`, so the images match diffusers with the LoRA loaded (up to the
     float rounding of batching); `batch_size` prompts are denoised together.
     Resumable: prompts whose images already exist are skipped. `pipe`: an already loaded pipeline matching
-    `adapter` and the base (e.g. one the demo keeps in memory) instead of loading one.
+    `adapter` and the base (e.g. one the demo keeps in memory) instead of loading one. `resolution`: image side in px
+    (default: the base's native size, which is also what the plain pipeline renders for SD).
     """
     rows = [{"text": p} if isinstance(p, str) else p for p in prompts]
     output_dir = Path(output_dir)
@@ -103,16 +104,22 @@ def generate_images(
     if pipe is None and todo:
         pipe = load_text_to_image_pipeline(adapter, pretrained_model_name_or_path)[0]
         pipe.set_progress_bar_config(disable=True)
+    base = text_to_image_base(adapter, pretrained_model_name_or_path)
+    family = detect_family(base)
     settings = {"negative_prompt": negative_prompt or "", "seed": seed, "num_images_per_prompt": num_images,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "adapter": str(adapter or ""),
-                "base_model": text_to_image_base(adapter, pretrained_model_name_or_path), "synthetic": "true", "generator": "medfm"}
+                "base_model": base, "synthetic": "true", "generator": "medfm"}
     progress = tqdm(desc="Generating", unit="prompt", initial=len(rows) - len(todo), total=len(rows))
+    if todo:
+        resolution = resolution or family.native_resolution(pipe)
+        trained_length = adapter_training_config(adapter).get("max_sequence_length") if adapter else None  # prompts as training encoded them
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        noise = torch.cat([initial_noise(pipe, num_images, seed)] * len(batch))
-        images = pipe([rows[p]["text"] for p in batch], negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+        noise = torch.cat([family.initial_noise(pipe, num_images, seed, resolution)] * len(batch))
+        negative = {"negative_prompt": [negative_prompt] * len(batch)} if negative_prompt else {}  # else the pipeline's own default
+        images = pipe([rows[p]["text"] for p in batch], **negative,
                       num_images_per_prompt=num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      latents=noise).images
+                      latents=noise, height=resolution, width=resolution, **family.pipeline_kwargs(trained_length)).images
         for index, image in enumerate(images):
             p, i = batch[index // num_images], index % num_images
             info = PngInfo()

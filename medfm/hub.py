@@ -34,13 +34,12 @@ trained with [medfm](https://github.com/medfm/medfm) on {data}.
 
 ## Use it with plain diffusers
 
+Base family: {family}; trained with {objective}.
+
 ```python
 import torch
-from diffusers import StableDiffusionPipeline
-{base_import}
-pipe = StableDiffusionPipeline.from_pretrained({base_expression}, safety_checker=None)
-pipe.load_lora_weights("{adapter}")
-image = pipe("{prompt}", generator=torch.Generator().manual_seed(0)).images[0]
+{loading_code}
+image = pipe("{prompt}"{call_arguments}, generator=torch.Generator().manual_seed(0)).images[0]
 image.save("radiograph.png")
 ```
 
@@ -186,9 +185,15 @@ def _card_data(config: TrainConfig, base: str, library: str, pipeline_tag: str, 
 
 
 def write_text_to_image_card(directory: str | Path, config: TrainConfig, num_pairs: int, num_bad: int,
-                             validation_image: str | None = None) -> ModelCard:
-    """Write README.md for a text-to-image adapter folder (its base: the one `config` records) and return the card."""
+                             validation_image: str | None = None, objective: str | None = None) -> ModelCard:
+    """Write README.md for a text-to-image adapter folder (its base: the one `config` records; its family read from the base's
+    model_index.json) and return the card. `objective`: what training optimised (default: the family's objective)."""
+    from .models.diffusion import resolve_base
+    from .models.families import detect_family
+
     base = config.pretrained_model_name_or_path
+    family = detect_family(resolve_base(base), config.revision)
+    in_code = _base_in_code(base, "medfm.models.diffusion.resolve_base")
     results = read_eval_results(directory)
     validation = ""
     if validation_image:
@@ -199,7 +204,10 @@ def write_text_to_image_card(directory: str | Path, config: TrainConfig, num_pai
         title=f"{Path(config.output_dir).name}: radiograph LoRA",
         base=base,
         base_link=_base_link(base),
-        **_base_in_code(base, "medfm.models.diffusion.resolve_base"),
+        family=family.display_name,
+        objective=objective or family.objective_summary,
+        call_arguments=family.card_call_arguments(config.resolution, config.max_sequence_length),
+        loading_code=in_code["base_import"] + family.loading_snippet(in_code["base_expression"], f'"{_adapter_reference(config)}"'),
         data=_data_description(config),
         adapter=_adapter_reference(config),
         prompt=config.validation_prompt[0] if config.validation_prompt else "Large right pleural effusion.",

@@ -6,24 +6,27 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+import yaml
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .lora import LORA_WEIGHTS_NAME
+from .paths import with_default_mode
+from .models.families import DIFFUSION_FAMILIES
 
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 PEFT_CONFIG_NAME = "adapter_config.json"
 
 
 def adapter_kind(folder: str | Path) -> str:
-    """'text-to-image' (diffusers LoRA file) or 'report' (PEFT adapter) for an adapter folder."""
+    """'text-to-image' (diffusers LoRA file, or a PixArt-Σ PEFT folder trained by medfm) or 'report' (PEFT adapter) for an adapter folder."""
     folder = Path(folder)
     if (folder / LORA_WEIGHTS_NAME).is_file():
         return "text-to-image"
     if (folder / PEFT_CONFIG_NAME).is_file():
-        return "report"
+        config_file = folder / "training_config.yaml"
+        task = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("task") if config_file.is_file() else None
+        return "text-to-image" if task == "text-to-image" else "report"
     raise FileNotFoundError(f"{folder} holds neither {LORA_WEIGHTS_NAME} (text-to-image) nor {PEFT_CONFIG_NAME} (report): not a medfm adapter folder")
 
 
@@ -36,11 +39,11 @@ def _lora_metadata(weights_file: Path) -> dict:
     return json.loads(text)
 
 
-def _kohya_name(component: str, module: str) -> str:
+def _kohya_name(prefixes: dict[str, str], component: str, module: str) -> str:
     """kohya-ss names a LoRA after the module path with '.' -> '_' (text encoders under `text_model`, as CLIP had in transformers 4)."""
-    if component == "text_encoder" and not module.startswith("text_model."):
+    if component.startswith("text_encoder") and not module.startswith("text_model."):
         module = f"text_model.{module}"
-    return KOHYA_PREFIXES[component] + module.replace(".", "_")
+    return prefixes[component] + module.replace(".", "_")
 
 
 def _alpha(metadata: dict, component: str, module: str) -> float:
@@ -51,12 +54,17 @@ def _alpha(metadata: dict, component: str, module: str) -> float:
     return float(matches[0] if matches else metadata[f"{component}.lora_alpha"])
 
 
-def _module_names(state_dict: dict) -> set[str]:
-    """Module paths of a diffusers-format SD LoRA state dict, normalised through diffusers' own UNet converter."""
-    unet = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")})
-    text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
-        {k.removeprefix("text_encoder.").removeprefix("text_model."): v for k, v in state_dict.items() if k.startswith("text_encoder.")}))
-    return {"unet." + k.rsplit(".lora_", 1)[0] for k in unet} | {"text_encoder." + k.rsplit(".lora_", 1)[0] for k in text}
+def _module_names(state_dict: dict, components) -> set[str]:
+    """Module paths of a diffusers-format LoRA state dict, normalised through diffusers' own converters."""
+    names = set()
+    for component in components:
+        own = {k.removeprefix(f"{component}."): v for k, v in state_dict.items() if k.startswith(f"{component}.")}
+        if component.startswith("text_encoder"):
+            own = convert_state_dict_to_peft(convert_state_dict_to_diffusers({k.removeprefix("text_model."): v for k, v in own.items()}))
+        else:
+            own = convert_unet_state_dict_to_peft(own)
+        names |= {f"{component}." + k.rsplit(".lora_", 1)[0] for k in own}
+    return names
 
 
 def export_kohya(adapter_dir: str | Path, output_file: str | Path | None = None) -> Path:
@@ -65,27 +73,36 @@ def export_kohya(adapter_dir: str | Path, output_file: str | Path | None = None)
     That is the key layout A1111, ComfyUI and kohya's sd-scripts load. The file is checked by reading it back
     through diffusers' own kohya converter: a module the kohya naming cannot express stops the export by name.
     """
+    from .generate import adapter_family
+
     adapter_dir = Path(adapter_dir)
     if adapter_kind(adapter_dir) != "text-to-image":
         raise ValueError(f"{adapter_dir} is a report (PEFT) adapter; kohya export is for text-to-image LoRA")
+    family = adapter_family(adapter_dir)
+    if not family.kohya_prefixes:
+        with_format = ", ".join(f.display_name for f in DIFFUSION_FAMILIES.values() if f.kohya_prefixes)
+        raise ValueError(f"{adapter_dir}: no kohya/ComfyUI key layout is defined for {family.display_name} adapters (it exists for {with_format}); "
+                         f"the folder itself is the portable format: {family.loading_snippet('BASE', repr(str(adapter_dir)))}")
     weights_file = adapter_dir / LORA_WEIGHTS_NAME
     metadata = _lora_metadata(weights_file)
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(adapter_dir), weight_name=LORA_WEIGHTS_NAME)
+    state_dict = family.lora_state_dict(adapter_dir)
     kohya: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         component, rest = key.split(".", 1)
         module, direction = _split_lora_key(rest)
-        name = _kohya_name(component, module)
+        name = _kohya_name(family.kohya_prefixes, component, module)
         kohya[f"{name}.lora_{direction}.weight"] = tensor.contiguous()
         kohya[f"{name}.alpha"] = torch.tensor(_alpha(metadata, component, module))
-    back, _ = StableDiffusionPipeline.lora_state_dict(dict(kohya))
-    lost = _module_names(state_dict) ^ _module_names(back)
+    back = family.pipeline_class.lora_state_dict(dict(kohya))
+    back = back[0] if isinstance(back, tuple) else back
+    lost = _module_names(state_dict, family.kohya_prefixes) ^ _module_names(back, family.kohya_prefixes)
     if lost:
         raise ValueError(f"{adapter_dir}: the kohya naming cannot express these LoRA modules: {sorted(lost)[:5]}")
     output_file = Path(output_file or adapter_dir / f"{adapter_dir.resolve().name}-kohya.safetensors")
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya, str(output_file), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(metadata["unet.r"]),
-                                                 "ss_network_alpha": str(metadata["unet.lora_alpha"]), "format": "pt"})
+    save_file(kohya, str(output_file), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(metadata[f"{family.denoiser}.r"]),
+                                                 "ss_network_alpha": str(metadata[f"{family.denoiser}.lora_alpha"]), "format": "pt"})
+    with_default_mode(output_file)
     return output_file
 
 
@@ -103,15 +120,14 @@ def merge_adapter(adapter: str | Path, output_dir: str | Path, pretrained_model_
 
     `adapter` is a folder or a Hub id; the base is the one the adapter was trained on unless given.
     """
-    from .generate import load_report_model, load_text_to_image_pipeline
+    from .generate import adapter_family, load_report_model, load_text_to_image_pipeline
     from .hub import resolve_adapter
 
     folder = resolve_adapter(adapter)
     output_dir = Path(output_dir)
     if adapter_kind(folder) == "text-to-image":
         pipe, _ = load_text_to_image_pipeline(str(folder), pretrained_model_name_or_path, device="cpu")
-        pipe.fuse_lora(components=["unet", "text_encoder"])
-        pipe.unload_lora_weights()
+        adapter_family(folder, pretrained_model_name_or_path).fuse_adapter(pipe)
         pipe.save_pretrained(output_dir)
     else:
         model, processor, _ = load_report_model(str(folder), pretrained_model_name_or_path, device="cpu")

@@ -26,3 +26,24 @@ def build_once(target: Path, marker: str, build: Callable[[Path], object]) -> Pa
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc/self/status), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_default_mode(*files: str | Path) -> None:
+    """Give files the mode a plain open() would (0666 less the umask): safetensors >= 0.8 writes its files 0600 (it writes a
+    private temporary file and renames it into place), unlike every other file in an adapter folder."""
+    mode = 0o666 & ~current_umask()
+    for file in files:
+        os.chmod(file, mode)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,18 @@ def test_report_throughput_arms_train_alike(tmp_path):
     reference_loss, medfm_loss = map(float, rows["loss at the last step"])
     assert reference_loss == pytest.approx(medfm_loss, abs=2e-4)  # same training: only where the logits are computed differs
     assert all(float(value) > 0 for value in rows["samples/s"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MEDFM_DIFFUSERS_REPO"), reason="needs a diffusers checkout (git dir or work tree) in MEDFM_DIFFUSERS_REPO")
+def test_sana_throughput_runs_medfm_against_the_diffusers_script(tmp_path):
+    results, raw = tmp_path / "RESULTS.md", tmp_path / "runs.json"
+    subprocess.run([sys.executable, "benchmarks/sana_throughput.py", "--diffusers_repo", os.environ["MEDFM_DIFFUSERS_REPO"], "--max_train_steps", "3",
+                    "--warmup_steps", "1", "--num_images", "8", "--repeats", "1", "--results", str(results), "--json", str(raw)],
+                   cwd=REPO, check=True, capture_output=True)
+    runs = json.loads(raw.read_text())["runs"]
+    assert sorted(runs) == ["diffusers", "medfm"]
+    for (run,) in runs.values():
+        assert run["steps"] == 3 and run["steps_per_s"] > 0 and run["whole_run_s"] > run["time_to_first_step_s"] > 0
+        assert len(run["losses"]) == 3 and all(math.isfinite(loss) for loss in run["losses"])
+    assert "| steps/s vs diffusers | **1.00x** |" in results.read_text()

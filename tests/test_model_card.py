@@ -16,8 +16,9 @@ from medfm.cli import main as medfm
 from medfm.config import TrainConfig, save_config
 from medfm.data.phantom import make_phantom, write_phantom_dataset
 from medfm.hub import write_report_card, write_text_to_image_card
-from medfm.lora import attach_lora, save_lora_adapter
-from medfm.models.diffusion import load_diffusion_components, resolve_base
+from medfm.lora import attach_lora
+from medfm.models.diffusion import load_pipeline, resolve_base
+from medfm.models.families import DIFFUSION_FAMILIES
 from medfm.models.shipped import pinned_name
 from medfm.models.vlm import load_vlm, resolve_vlm
 
@@ -38,12 +39,12 @@ def run_snippet(code: str, cwd) -> subprocess.CompletedProcess:
 def text_to_image_folder(tmp_path):
     """An adapter folder as the recipe writes it (LoRA weights, training_config.yaml, README.md), named relative to tmp_path."""
     base = resolve_base("builtin:tiny-sd")
-    parts = load_diffusion_components(base)
+    parts = load_pipeline(base)
     attach_lora(parts.unet, 4, 4, 0.0, ["to_k", "to_q", "to_v", "to_out.0"])
     config = TrainConfig(output_dir="cxr-lora", pretrained_model_name_or_path=base, train_data_dir="/data/mimic-cxr-pairs",
                          dataset_description=DESCRIPTION)
     folder = tmp_path / "cxr-lora"
-    save_lora_adapter(folder, parts.unet)
+    DIFFUSION_FAMILIES["sd"].save_lora(folder, parts.unet)
     save_config(config, folder / "training_config.yaml")
     write_text_to_image_card(folder, config, num_pairs=120, num_bad=3)
     return folder

@@ -18,8 +18,9 @@ from medfm.cli import main as medfm
 from medfm.config import BUILTIN_TINY_SD
 from medfm.data.pairs import BadRowError
 from medfm.data.phantom import make_phantom, write_phantom_dataset
-from medfm.lora import LORA_WEIGHTS_NAME, attach_lora, load_lora_adapter
-from medfm.models.diffusion import build_tiny_sd_pipeline, load_diffusion_components, resolve_base
+from medfm.lora import LORA_WEIGHTS_NAME, attach_lora
+from medfm.models.diffusion import build_tiny_sd_pipeline, load_pipeline, resolve_base
+from medfm.models.families import DIFFUSION_FAMILIES
 from medfm.models.shipped import pinned_name
 from recipes.train_lora import main as train
 
@@ -108,10 +109,10 @@ def test_text_encoder_lora_round_trip(phantoms, tmp_path):
         diffusers_embedding = pipe.text_encoder(ids)[0]
     assert (diffusers_embedding - base_embedding).abs().max() > 1e-4
 
-    parts = load_diffusion_components(base)  # medfm's own loader (used for resume) agrees with diffusers'
+    parts = load_pipeline(base)  # medfm's own loader (used for resume) agrees with diffusers'
     attach_lora(parts.unet, 8, 16, 0.0, ["to_k", "to_q", "to_v", "to_out.0"])
     attach_lora(parts.text_encoder, 8, 16, 0.0, ["q_proj", "k_proj", "v_proj", "out_proj"])
-    load_lora_adapter(tmp_path, parts.unet, parts.text_encoder)
+    DIFFUSION_FAMILIES["sd"].load_lora(tmp_path, parts.unet, {"text_encoder": parts.text_encoder})
     with torch.no_grad():
         torch.testing.assert_close(parts.text_encoder(ids)[0], diffusers_embedding)
 

@@ -108,9 +108,10 @@ def _encode_into(cache, keys, indices, encode, batch_size, desc, disable) -> Non
 
 
 class CachedDataset(Dataset):
-    """ImageReportDataset examples with the latents and/or text embeddings read from caches instead of pixels and/or token ids.
+    """ImageReportDataset examples (index, pixels) with the latents and/or text embeddings read from caches, by example index.
 
-    `latents` and `text` are (cache, per-example keys) or None (that field is computed as usual).
+    `latents` and `text` are (cache, per-example keys) or None (pixels are read instead; prompts are encoded in the step,
+    from the example's text found by its index).
     """
 
     def __init__(self, dataset, latents: tuple[EncodingCache, Sequence[str]] | None, text: tuple[EncodingCache, Sequence[str]] | None):
@@ -120,7 +121,7 @@ class CachedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        example = self.dataset.item(index, pixels=self.latents is None, input_ids=self.text is None)
+        example = self.dataset.item(index, pixels=self.latents is None, input_ids=False)
         for cache, keys in filter(None, (self.latents, self.text)):
             if not cache.has(keys[index]):  # its image could not be read while caching
                 return self._unusable(index)

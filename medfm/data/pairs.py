@@ -206,10 +206,12 @@ class ImageReportDataset(Dataset):
         report_section: str = "impression",
         quarantine: Quarantine | None = None,
         verify_images: bool = True,
+        max_tokens: int | None = None,
     ):
+        """`max_tokens`: report tokens kept (cut at a sentence boundary); default the tokenizer's limit less its special tokens."""
         self.resolution = resolution
         self.tokenizer = tokenizer
-        max_tokens = tokenizer.model_max_length - tokenizer.num_special_tokens_to_add()
+        max_tokens = max_tokens or tokenizer.model_max_length - tokenizer.num_special_tokens_to_add()
         self.quarantine = quarantine or Quarantine()
         self.num_truncated = 0
         self.rows: list[tuple[Pair, str]] = []

@@ -11,6 +11,7 @@ from PIL import Image
 from ..data.report_batches import full_instruction
 from ..eval.labeler import label_report
 from ..generate import adapter_training_config, generate_images, generate_reports, load_report_model, load_text_to_image_pipeline
+from ..models.families import detect_family
 
 LABEL_NAMES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
 
@@ -31,7 +32,7 @@ def generate_radiographs(adapter: str, prompt: str, output_dir: str | Path, nega
                          guidance_scale: float = 7.5, seed: int = 0, num_images: int = 1, compare: bool = False) -> tuple[list[Path], list[Path]]:
     """PNGs (with provenance text chunks) from base + adapter, and with `compare` the same prompt and seed from the base alone.
 
-    The base alone is the same pipeline with its LoRA layers switched off (diffusers' disable_lora), so no second copy is loaded.
+    The base alone is the same pipeline with its LoRA layers switched off (the family's adapter_disabled), so no second copy is loaded.
     """
     pipe, base = text_to_image_pipeline(adapter)
     settings = {"negative_prompt": negative_prompt or None, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
@@ -40,11 +41,8 @@ def generate_radiographs(adapter: str, prompt: str, output_dir: str | Path, nega
     adapted = generate_images([prompt], output_dir / "with-adapter", adapter=adapter, **settings)
     if not compare:
         return adapted, []
-    pipe.disable_lora()
-    try:
+    with detect_family(base).adapter_disabled(pipe):
         return adapted, generate_images([prompt], output_dir / "base-only", pretrained_model_name_or_path=base, **settings)
-    finally:
-        pipe.enable_lora()
 
 
 def write_report(adapter: str, image: Image.Image, indication: str | None = None, max_new_tokens: int = 128, base_only: bool = False) -> str:

@@ -1,16 +1,16 @@
-"""Text-to-image bases: load Stable Diffusion 1.x/2.x by Hub id or folder; build a tiny one offline."""
+"""Text-to-image bases: the built-in tiny Stable Diffusion (built offline, shipped weights) and loading any family by Hub id or folder."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..config import BUILTIN_TINY_SD
 from ..paths import build_once, medfm_home
+from .families import detect_family
 from .shipped import load_shipped_weights, shipped_fingerprint, unpinned_name
 from .tokenizers import clip_tokenizer
 
@@ -81,33 +81,6 @@ def resolve_base(name_or_path: str) -> str:
     return name_or_path
 
 
-@dataclass
-class DiffusionComponents:
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler
-
-    @property
-    def native_resolution(self) -> int:
-        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-
-def load_diffusion_components(path: str, revision: str | None = None, variant: str | None = None) -> DiffusionComponents:
-    """The parts of an SD 1.x/2.x pipeline that training needs, with a DDPM scheduler for noising."""
-    kwargs = {"revision": revision}
-    return DiffusionComponents(
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kwargs),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kwargs),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kwargs),
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs),
-    )
-
-
-def load_pipeline(path: str, revision: str | None = None, variant: str | None = None, **components) -> StableDiffusionPipeline:
-    """A text-to-image pipeline without the safety checker (it blanks radiographs as 'NSFW')."""
-    return StableDiffusionPipeline.from_pretrained(
-        path, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False, **components
-    )
+def load_pipeline(path: str, revision: str | None = None, variant: str | None = None, **components) -> DiffusionPipeline:
+    """A base's text-to-image pipeline, its family detected from model_index.json (SD without the safety checker: it blanks radiographs)."""
+    return detect_family(path, revision).load_pipeline(path, revision, variant, **components)

@@ -26,6 +26,7 @@ from ..data.pairs import BadRow, Quarantine
 from ..hub import EVAL_RESULTS_NAME, create_hub_repo, push_adapter
 from ..lora import lora_parameters
 from ..models.shipped import recorded_base_name
+from ..paths import with_default_mode
 from .checkpoints import TrainingProgress, find_checkpoint, prune_checkpoints
 
 logger = get_logger(__name__)
@@ -255,6 +256,7 @@ class LoRARecipe:
             save_config(resolved, self.output_dir / "training_config.yaml")
             (self.output_dir / EVAL_RESULTS_NAME).unlink(missing_ok=True)  # evaluations of an earlier adapter in this folder no longer apply
             self._write_model_card(resolved, validation)
+            with_default_mode(*(p for p in self.output_dir.iterdir() if p.is_file()))  # weights included (safetensors writes 0600)
             print(f"Adapter saved to {self.output_dir.resolve()} ({len(self.quarantine.rows)} bad rows listed in bad_rows.jsonl)")
             if self.config.push_to_hub:
                 print(f"Pushed to {push_adapter(self.output_dir, self.config.hub_model_id, self.config.hub_private)}")

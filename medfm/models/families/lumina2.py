@@ -1,0 +1,40 @@
+"""Lumina Image 2.0: unified next-DiT, Gemma 2 encoder with the pipeline's system prompt, rectified flow on reversed time
+(the transformer sees t = 1 - sigma and predicts x0 - noise; the pipeline negates it)."""
+
+from __future__ import annotations
+
+from diffusers import Lumina2Pipeline
+
+from .base import DiffusionFamily, call_default
+from .registry import register
+
+DEFAULT_MAX_SEQUENCE_LENGTH = call_default(Lumina2Pipeline, "max_sequence_length")
+
+
+class Lumina2(DiffusionFamily):
+    name = "lumina2"
+    display_name = "Lumina Image 2.0"
+    pipeline_class = Lumina2Pipeline
+    pipeline_class_names = ("Lumina2Pipeline", "Lumina2Text2ImgPipeline")
+    large_text_encoders = ("text_encoder",)
+
+    def default_max_sequence_length(self, pipe) -> int:
+        return DEFAULT_MAX_SEQUENCE_LENGTH
+
+    def encode_prompts(self, pipe, texts, max_sequence_length=None):
+        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=pipe.text_encoder.device,
+                                                max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    def predict(self, pipe, denoiser, latents, timesteps, conditioning, cfg):
+        timestep = 1 - timesteps / pipe.scheduler.config.num_train_timesteps
+        return -denoiser(hidden_states=latents, timestep=timestep, encoder_hidden_states=conditioning["prompt_embeds"],
+                         encoder_attention_mask=conditioning["prompt_attention_mask"], return_dict=False)[0]
+
+    def build_tiny(self, seed=0):
+        from ..tiny_diffusion import build_tiny_lumina2
+
+        return build_tiny_lumina2(seed)
+
+
+register(Lumina2())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from study_inputs import PATIENT_NAME, PROMPTS, REAL_STEM, SYNTHETIC_STEM, leaks, png_chunks, write_real, write_synthetic
+from study_inputs import PATIENT_NAME, PROMPTS, leaks, png_chunks, write_real, write_synthetic
 
 from medfm.study.create import create_study
 from medfm.study.designs import AnswerError, design_for

@@ -183,10 +183,13 @@ def serve(folder: str | Path, host: str | None = None, port: int | None = None, 
     app = build_app(folder)
     study = load_study(folder)
     host = host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    block = not kwargs.pop("prevent_thread_lock", False)
     app.launch(server_name=host, server_port=port, show_error=True, allowed_paths=[str(app.study_folder / "cases")],
-               head=shortcut_script(study["design"]), footer_links=[], **kwargs)
+               head=shortcut_script(study["design"]), footer_links=[], prevent_thread_lock=True, **kwargs)
     shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{app.server_port}"
     links = write_links(app.study_folder / "private", load_private(folder, "readers.json"), url)
-    print(f"Serving the study at {url}; each reader's link is in {links} (send each reader only their own line)")
+    print(f"Serving the study at {url}; each reader's link is in {links} (send each reader only their own line)", flush=True)
+    if block:
+        app.block_thread()
     return app

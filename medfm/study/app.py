@@ -171,8 +171,9 @@ def build_app(folder: str | Path) -> gr.Blocks:
                 raise gr.Error(str(err), title="Answer incomplete", print_exception=False) from None
             return show(name, state.next_position(name))
 
-        app.load(start, None, outputs, api_visibility="private")
-        submit.click(submit_answer, [reader, position, shown_at, *inputs.values()], outputs, api_visibility="private")
+        app.load(start, None, outputs, api_visibility="private", show_progress="hidden")
+        submit.click(submit_answer, [reader, position, shown_at, *inputs.values()], outputs, api_visibility="private", show_progress="hidden",
+                     trigger_mode="once")  # a double Enter submits once; a refused answer leaves the form as it was
     app.study_folder = state.folder
     return app.queue(default_concurrency_limit=8)
 

@@ -313,3 +313,14 @@ def test_turing_study_cannot_be_exported_and_cli_errors_are_messages(inputs, tmp
         main(["study", "results", str(tmp_path)])
     main(["study", "results", str(tmp_path / "s")])
     assert "ann (0/6 answered)" in capsys.readouterr().out
+
+
+def test_serve_command_reaches_the_app_with_its_host_and_port(monkeypatch):
+    import medfm.study.app
+    from medfm.cli import main
+
+    calls = []
+    monkeypatch.setattr(medfm.study.app, "serve", lambda *args: calls.append(args))
+    main(["study", "serve", "my-study", "--port", "7999"])
+    main(["study", "serve", "my-study", "--host", "0.0.0.0"])
+    assert calls == [("my-study", None, 7999), ("my-study", "0.0.0.0", None)]

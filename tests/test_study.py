@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from study_inputs import PATIENT_NAME, PROMPTS, leaks, png_chunks, write_real, write_synthetic
 
 from medfm.study.create import create_study
 from medfm.study.designs import AnswerError, design_for
@@ -19,6 +18,7 @@ from medfm.study.export import export_preferences
 from medfm.study.folder import load_private, load_study
 from medfm.study.results import compute_results, write_results
 from medfm.study.store import AnswerStore, store_of
+from study_inputs import PATIENT_NAME, PROMPTS, leaks, png_chunks, write_real, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The reader-study app in a real browser (headless Debian Chromium via Playwright), served by `medfm study serve` in its own process."""
+"""The reader-study app in a real browser (headless Debian Chromium via Playwright), served in its own process as `medfm study serve` serves it."""
 
 import io
 import os
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from study_inputs import leaks, write_real, write_synthetic
 
 from medfm.demo.browser import CHROMIUM, CHROMIUM_ARGS, free_port
 from medfm.study.create import create_study
 from medfm.study.folder import load_private, load_study
 from medfm.study.results import compute_results
 from medfm.study.store import store_of
+from study_inputs import leaks, write_real, write_synthetic
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} missing: apt-get install chromium")]
 REPO = Path(__file__).resolve().parents[1]

@@ -100,8 +100,10 @@ def _inputs(design: str, reports: bool, findings: list[str]) -> dict[str, gr.com
         return {"source": gr.Radio([("Real (R)", "real"), ("Synthetic (S)", "synthetic")], label="Real or synthetic?", elem_id="source"),
                 "confidence": gr.Radio(likert, label="Confidence: 1 guess … 5 certain (keys 1–5)", elem_id="confidence")}
     if design == "rating":
-        return {"realism": gr.Radio(likert, label="Realism: 1 clearly artificial … 5 indistinguishable from a real radiograph (keys 1–5)", elem_id="realism"),
-                "plausibility": gr.Radio(likert, label="Anatomical plausibility: 1 impossible … 5 fully plausible (Shift+1–5)", elem_id="plausibility"),
+        real = "a radiologist's report" if reports else "a real radiograph"
+        plausible = "Clinical plausibility of the report for this radiograph" if reports else "Anatomical plausibility"
+        return {"realism": gr.Radio(likert, label=f"Realism: 1 clearly artificial … 5 indistinguishable from {real} (keys 1–5)", elem_id="realism"),
+                "plausibility": gr.Radio(likert, label=f"{plausible}: 1 impossible … 5 fully plausible (Shift+1–5)", elem_id="plausibility"),
                 "findings": gr.CheckboxGroup(findings, label="Findings present", elem_id="findings"),
                 "comment": gr.Textbox(label="Comment (optional)", lines=2, elem_id="comment")}
     fields = {"preference": gr.Radio([("A is better (A)", "A"), ("B is better (B)", "B"), ("Equal (E)", "equal")], label="Which is better?",

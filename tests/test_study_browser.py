@@ -183,6 +183,7 @@ def test_two_readers_resume_survive_a_server_kill_and_nothing_tells_the_source(t
     assert results["inter_reader"]["kappa"] == pytest.approx((observed - expected) / (1 - expected))
 
     assert len(served) >= len(set(c["image"] for c in study["cases"].values())), "not every case image was fetched by the pages"
+    assert len({len(data) for url, data in served.items() if url.endswith(".png")}) == 1, "served case images differ in byte size"
     for url, data in served.items():
         assert leaks(url.encode()) == [] and str(real) not in url and str(synthetic) not in url
         if url.endswith(".png"):

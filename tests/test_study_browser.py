@@ -1,6 +1,7 @@
 """The reader-study app in a real browser (headless Debian Chromium via Playwright), served in its own process as `medfm study serve` serves it."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -196,3 +197,54 @@ def test_two_readers_resume_survive_a_server_kill_and_nothing_tells_the_source(t
         for content in contents:
             assert leaks(content.encode(), provenance=False) == [] and "token=" not in content
             assert tokens[other] not in content and tokens[reader] not in content and f"**{other}**" not in content and f">{other} " not in content
+
+
+def test_rating_and_report_pairwise_pages_take_keys_refuse_incomplete_answers_and_record(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from medfm.study.app import serve
+
+    real, synthetic = write_real(tmp_path / "real", 2), write_synthetic(tmp_path / "synthetic", 2)
+    generated = tmp_path / "generated"  # machine reports for the same radiographs
+    generated.mkdir()
+    rows = [json.loads(line) for line in (real / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        (generated / row["file_name"]).write_bytes((real / row["file_name"]).read_bytes())
+    (generated / "metadata.jsonl").write_text("".join(json.dumps({**row, "text": "Machine: " + row["text"]}) + "\n" for row in rows))
+    rating = create_study(tmp_path / "rating", real, synthetic, "rating", ["ann"], size=64)
+    reports = create_study(tmp_path / "reports", real, generated, "pairwise", ["ann"], reports=True, size=64)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        app = serve(rating, port=free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            _, page = open_reader(browser, links_of(rating)["ann"], [])
+            page.locator("#status").click()
+            page.keyboard.press("Enter")  # nothing chosen yet: refused with the field's name, nothing recorded
+            assert "realism: choose a score from 1 to 5" in page.locator(".toast-body").first.inner_text()
+            page.keyboard.press("4")
+            page.keyboard.press("Shift+2")
+            page.locator("#findings label").first.click()
+            page.locator("#comment textarea").press_sequentially("grade 1 of 5")  # digits typed in a text box are text, not shortcuts
+            page.locator("#status").click()
+            page.keyboard.press("Enter")
+            page.locator("#status").get_by_text("case 2 of 4").wait_for()
+        finally:
+            app.close()
+        assert store_of(rating).answers()[0]["answer"] == {"realism": 4, "plausibility": 2, "findings": [load_study(rating)["findings"][0]],
+                                                           "comment": "grade 1 of 5"}
+        app = serve(reports, port=free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            _, page = open_reader(browser, links_of(reports)["ann"], [])
+            shown = [page.locator(f"#report-{side} textarea").input_value() for side in "ab"]
+            assert sorted(shown, key=len)[1] == "Machine: " + sorted(shown, key=len)[0]
+            page.locator("#status").click()
+            page.keyboard.press("b")
+            page.locator("#significant-a input").fill("2")
+            page.locator("#categories-a label").nth(1).click()
+            page.locator("#submit").click()
+            page.locator("#status").get_by_text("case 2 of 2").wait_for()
+        finally:
+            app.close()
+        browser.close()
+    answer = store_of(reports).answers()[0]["answer"]
+    assert answer["preference"] == "B" and answer["significant_errors_a"] == 2 and answer["error_categories_a"] == ["Omission of finding"]

@@ -188,6 +188,7 @@ def serve(folder: str | Path, host: str | None = None, port: int | None = None, 
     host = host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     block = not kwargs.pop("prevent_thread_lock", False)
     app.launch(server_name=host, server_port=port, show_error=True, allowed_paths=[str(app.study_folder / "cases")],
+               blocked_paths=[str(app.study_folder / "private"), str(app.study_folder / "answers.sqlite")],
                head=shortcut_script(study["design"]), footer_links=[], prevent_thread_lock=True, **kwargs)
     shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{app.server_port}"

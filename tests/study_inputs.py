@@ -80,9 +80,11 @@ def png_chunks(data: bytes) -> list[str]:
     return chunks
 
 
-def leaks(data: bytes) -> list[str]:
-    """What in these bytes would tell a case's source or origin: file names, provenance words, patient tags, metadata chunks."""
-    found = [word for word in (REAL_STEM, SYNTHETIC_STEM, "generator", "medfm", PATIENT_NAME, "123456", "phantom") if word.encode() in data]
+def leaks(data: bytes, provenance: bool = True) -> list[str]:
+    """What in these bytes would tell a case's source or origin: file names, patient tags, the adapter's path, metadata chunks,
+    and with `provenance` the words of medfm's provenance chunks (a Gradio page has "generator" in its own config)."""
+    words = (REAL_STEM, SYNTHETIC_STEM, PATIENT_NAME, "123456", "phantom") + (("generator", "medfm") if provenance else ())
+    found = [word for word in words if word.encode() in data]
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         found += [c for c in png_chunks(data) if c not in ("IHDR", "IDAT", "IEND")]
     return found

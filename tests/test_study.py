@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from study_inputs import PATIENT_NAME, PROMPTS, REAL_STEM, SYNTHETIC_STEM, leaks, png_chunks, write_real, write_synthetic
 
 from medfm.study.create import create_study
 from medfm.study.designs import AnswerError, design_for
@@ -19,6 +18,7 @@ from medfm.study.export import export_preferences
 from medfm.study.folder import load_private, load_study
 from medfm.study.results import compute_results, write_results
 from medfm.study.store import AnswerStore, store_of
+from study_inputs import PATIENT_NAME, PROMPTS, leaks, png_chunks, write_real, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -313,3 +313,14 @@ def test_turing_study_cannot_be_exported_and_cli_errors_are_messages(inputs, tmp
         main(["study", "results", str(tmp_path)])
     main(["study", "results", str(tmp_path / "s")])
     assert "ann (0/6 answered)" in capsys.readouterr().out
+
+
+def test_serve_command_reaches_the_app_with_its_host_and_port(monkeypatch):
+    import medfm.study.app
+    from medfm.cli import main
+
+    calls = []
+    monkeypatch.setattr(medfm.study.app, "serve", lambda *args: calls.append(args))
+    main(["study", "serve", "my-study", "--port", "7999"])
+    main(["study", "serve", "my-study", "--host", "0.0.0.0"])
+    assert calls == [("my-study", None, 7999), ("my-study", "0.0.0.0", None)]

@@ -55,6 +55,7 @@ def generate_in_page(page, prompt: str | None = None, finding: str | None = None
         page.locator("#prompt textarea").fill(prompt)
     if finding is not None:
         page.get_by_role("button", name=finding, exact=True).click()
+        page.wait_for_function("([box, text]) => box.value.endsWith(text)", arg=[page.locator("#prompt textarea").element_handle(), finding])
     page.locator("#generate").click()
     for gallery in ("#gallery", "#base-gallery"):
         page.locator(f"{gallery} img").nth(num_images - 1).wait_for()

@@ -100,8 +100,10 @@ def _inputs(design: str, reports: bool, findings: list[str]) -> dict[str, gr.com
         return {"source": gr.Radio([("Real (R)", "real"), ("Synthetic (S)", "synthetic")], label="Real or synthetic?", elem_id="source"),
                 "confidence": gr.Radio(likert, label="Confidence: 1 guess … 5 certain (keys 1–5)", elem_id="confidence")}
     if design == "rating":
-        return {"realism": gr.Radio(likert, label="Realism: 1 clearly artificial … 5 indistinguishable from a real radiograph (keys 1–5)", elem_id="realism"),
-                "plausibility": gr.Radio(likert, label="Anatomical plausibility: 1 impossible … 5 fully plausible (Shift+1–5)", elem_id="plausibility"),
+        real = "a radiologist's report" if reports else "a real radiograph"
+        plausible = "Clinical plausibility of the report for this radiograph" if reports else "Anatomical plausibility"
+        return {"realism": gr.Radio(likert, label=f"Realism: 1 clearly artificial … 5 indistinguishable from {real} (keys 1–5)", elem_id="realism"),
+                "plausibility": gr.Radio(likert, label=f"{plausible}: 1 impossible … 5 fully plausible (Shift+1–5)", elem_id="plausibility"),
                 "findings": gr.CheckboxGroup(findings, label="Findings present", elem_id="findings"),
                 "comment": gr.Textbox(label="Comment (optional)", lines=2, elem_id="comment")}
     fields = {"preference": gr.Radio([("A is better (A)", "A"), ("B is better (B)", "B"), ("Equal (E)", "equal")], label="Which is better?",
@@ -171,8 +173,9 @@ def build_app(folder: str | Path) -> gr.Blocks:
                 raise gr.Error(str(err), title="Answer incomplete", print_exception=False) from None
             return show(name, state.next_position(name))
 
-        app.load(start, None, outputs, api_visibility="private")
-        submit.click(submit_answer, [reader, position, shown_at, *inputs.values()], outputs, api_visibility="private")
+        app.load(start, None, outputs, api_visibility="private", show_progress="hidden")
+        submit.click(submit_answer, [reader, position, shown_at, *inputs.values()], outputs, api_visibility="private", show_progress="hidden",
+                     trigger_mode="once")  # a double Enter submits once; a refused answer leaves the form as it was
     app.study_folder = state.folder
     return app.queue(default_concurrency_limit=8)
 
@@ -183,10 +186,14 @@ def serve(folder: str | Path, host: str | None = None, port: int | None = None, 
     app = build_app(folder)
     study = load_study(folder)
     host = host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    block = not kwargs.pop("prevent_thread_lock", False)
     app.launch(server_name=host, server_port=port, show_error=True, allowed_paths=[str(app.study_folder / "cases")],
-               head=shortcut_script(study["design"]), footer_links=[], **kwargs)
+               blocked_paths=[str(app.study_folder / "private"), str(app.study_folder / "answers.sqlite")],
+               head=shortcut_script(study["design"]), footer_links=[], prevent_thread_lock=True, **kwargs)
     shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{app.server_port}"
     links = write_links(app.study_folder / "private", load_private(folder, "readers.json"), url)
-    print(f"Serving the study at {url}; each reader's link is in {links} (send each reader only their own line)")
+    print(f"Serving the study at {url}; each reader's link is in {links} (send each reader only their own line)", flush=True)
+    if block:
+        app.block_thread()
     return app

@@ -105,7 +105,7 @@ DESIGNS = {
     "turing": Design("turing", 1, ("source", "confidence"), "Real or synthetic? With a confidence from 1 (guess) to 5 (certain)."),
     "rating": Design("rating", 1, ("realism", "plausibility", "findings", "comment"),
                      "Realism and anatomical plausibility (1-5), the findings present, a free comment."),
-    "pairwise": Design("pairwise", 2, ("preference", "comment"), "Two images for one prompt, or two reports for one radiograph: which is better?"),
+    "pairwise": Design("pairwise", 2, ("preference", "comment"), "Two images for one prompt: which is better?"),
 }
 
 
@@ -115,5 +115,6 @@ def design_for(name: str, reports: bool = False) -> Design:
         raise ValueError(f"unknown design {name!r}; choose one of {', '.join(DESIGNS)}")
     design = DESIGNS[name]
     if name == "pairwise" and reports:
-        return Design(design.name, design.cases_per_item, design.fields + _REPORT_ERRORS, design.description + " And count each report's errors.")
+        return Design(design.name, design.cases_per_item, design.fields + _REPORT_ERRORS,
+                      "Two reports for one radiograph: which is better? Count each report's clinically significant and insignificant errors.")
     return design

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import bootstrap, mannwhitneyu
-from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix
+from sklearn.metrics import cohen_kappa_score, confusion_matrix
 from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 from statsmodels.stats.inter_rater import cohens_kappa as statsmodels_cohens_kappa
 from statsmodels.stats.proportion import proportion_confint
@@ -157,7 +157,7 @@ def turing_stats(rows: list[dict]) -> dict:
     confidence = {source: mean_with_ci([r["confidence"] for r in rows if r["sources"][0] == source]) for source in SOURCES}
     return {
         "n": len(rows),
-        "accuracy": {**proportion(real_real + synthetic_synthetic, len(rows)), "sklearn": float(accuracy_score(truth, said)) if rows else None},
+        "accuracy": proportion(real_real + synthetic_synthetic, len(rows)),
         "true_recognition_rate": proportion(real_real, real_real + real_synthetic),  # real images judged real
         "false_recognition_rate": proportion(synthetic_real, synthetic_real + synthetic_synthetic),  # synthetic images judged real
         "confusion_matrix": {"rows: truth, columns: answer": list(SOURCES), "counts": matrix.tolist()},
@@ -282,6 +282,7 @@ def write_html(results: dict, figures: dict[str, str], path: Path) -> Path:
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
 <body><h1>Reader study ({html.escape(results['design'])}{' of reports' if results['reports'] else ''}): results</h1>
 <p>Readers: {html.escape(', '.join(results['readers']))}. Rates with Wilson 95% CIs; means and kappas with bootstrap 95% CIs.</p>
+<ul>{''.join(f"<li>{html.escape(line)}</li>" for line in summary(results).splitlines())}</ul>
 {images}<h2>Statistics</h2><pre>{html.escape(json.dumps(results, indent=1))}</pre></body></html>""", encoding="utf-8")
     return path
 

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224, a folder, ViT-B-32@openai).")
     images.add_argument("--training_dir", help="Training images for the memorization audit.")
     images.add_argument("--clip_model", help="CLIP-like model for image-text alignment: an open_clip spec (BiomedCLIP) or a transformers CLIP/SigLIP id or folder.")
-    images.add_argument("--reid_model", help="Folder with a Siamese re-identification network (reid_model.pt, TorchScript; see medfm/eval/reid.py); needs --training_dir.")
+    images.add_argument("--reid_model", help="Folder with a Siamese re-identification network (reid_model.pt TorchScript or reid_model.pt2 torch.export; see medfm/eval/reid.py); needs --training_dir.")
     images.add_argument("--nearest_k", type=int, default=5, help="k of precision/recall/density/coverage (Naeem et al. 2020).")
     images.add_argument("--device", help="Where the feature networks run (default: cuda if available, else cpu).")
     images.add_argument("--adapter", help="Adapter folder that generated the images: the result goes into its eval_results.json and model card.")

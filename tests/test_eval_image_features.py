@@ -17,6 +17,7 @@ from medfm.data.phantom import write_phantom_dataset
 from medfm.eval.features import InceptionFeatures, OpenClipImageFeatures, TransformersImageFeatures, extract_features, extractor_keys, feature_extractor
 from medfm.eval.images import fid_kid, image_text_alignment, load_image_folder, memorization_audit, precision_recall_density_coverage
 from medfm.eval.reid import ReidentificationModel
+from medfm.hub import _summary
 from medfm.models.tokenizers import clip_tokenizer
 
 SIZE = 64
@@ -233,6 +234,9 @@ def test_several_extractors_in_one_command(tmp_path, images, rad_dino_folder, si
     assert all(f">{name}</th>" in page for name in names) and "Re-identification" in page and f"alignment ({siglip_folder.name})" in page
     assert "index.html" in capsys.readouterr().out
     assert np.isfinite([entry["fid"] for entry in metrics["features"].values()]).all()
+    rows = {row["metric"] for row in _summary("images", metrics)}  # what `--adapter` writes into the model card
+    assert {f"{metric} ({name})" for metric in ("fid", "precision", "coverage") for name in names} <= rows
+    assert f"clip_score ({siglip_folder.name})" in rows and "reid_share_above_threshold" in rows
 
 
 def test_open_clip_hf_hub_spec_loads_from_a_hub(open_clip_folder, monkeypatch, tmp_path):

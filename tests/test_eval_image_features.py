@@ -34,7 +34,7 @@ def images(tmp_path_factory):
     """Two phantom imagefolders of different seeds: {name: (folder, uint8 images, prompts)}."""
     root = tmp_path_factory.mktemp("phantoms")
     return {name: (folder, *load_image_folder(folder, SIZE))
-            for name, folder in (("a", write_phantom_dataset(root / "a", 16, seed=1, size=SIZE)), ("b", write_phantom_dataset(root / "b", 16, seed=2, size=SIZE)))}
+            for name, folder in ((name, write_phantom_dataset(root / name, 16, seed=seed, size=SIZE)) for name, seed in (("a", 1), ("b", 2)))}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def rad_dino_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-rad-dino")
     torch.manual_seed(0)
     Dinov2Model(Dinov2Config(**TINY_VISION)).save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5307] * 3, image_std=[0.2583] * 3).save_pretrained(folder)
+    processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5307] * 3, image_std=[0.2583] * 3)
+    processor.save_pretrained(folder)
     return folder
 
 

@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_argument("--adapter", help="Adapter folder that wrote the predictions: the result goes into its eval_results.json and model card.")
     reports.set_defaults(run=_eval_reports)
 
-    images = targets.add_parser("images", help="FID/KID and PRDC per feature extractor, MS-SSIM diversity, image-text alignment, memorization and re-identification, with an HTML report.")
+    images = targets.add_parser("images", help="FID/KID and PRDC per feature extractor, MS-SSIM diversity, image-text alignment, "
+                                               "memorization and re-identification, with an HTML report.")
     images.add_argument("--real", required=True, help="Folder of real radiographs (PNG/JPEG/DICOM).")
     images.add_argument("--generated", required=True, help="Folder of generated radiographs (metadata.jsonl prompts enable diversity/CLIP).")
     images.add_argument("--output_dir", required=True)
@@ -304,8 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "vision model by Hub id or folder (microsoft/rad-dino, a SigLIP/MedSigLIP), or an open_clip spec "
                              "(hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224, a folder, ViT-B-32@openai).")
     images.add_argument("--training_dir", help="Training images for the memorization audit.")
-    images.add_argument("--clip_model", help="CLIP-like model for image-text alignment: an open_clip spec (BiomedCLIP) or a transformers CLIP/SigLIP id or folder.")
-    images.add_argument("--reid_model", help="Folder with a Siamese re-identification network (reid_model.pt, TorchScript; see medfm/eval/reid.py); needs --training_dir.")
+    images.add_argument("--clip_model", help="CLIP-like model for image-text alignment: an open_clip spec (BiomedCLIP) or a transformers "
+                                             "CLIP/SigLIP id or folder.")
+    images.add_argument("--reid_model", help="Folder with a Siamese re-identification network (reid_model.pt TorchScript or reid_model.pt2 "
+                                             "torch.export; see medfm/eval/reid.py); needs --training_dir.")
     images.add_argument("--nearest_k", type=int, default=5, help="k of precision/recall/density/coverage (Naeem et al. 2020).")
     images.add_argument("--device", help="Where the feature networks run (default: cuda if available, else cpu).")
     images.add_argument("--adapter", help="Adapter folder that generated the images: the result goes into its eval_results.json and model card.")

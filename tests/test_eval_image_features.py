@@ -17,6 +17,7 @@ from medfm.data.phantom import write_phantom_dataset
 from medfm.eval.features import InceptionFeatures, OpenClipImageFeatures, TransformersImageFeatures, extract_features, extractor_keys, feature_extractor
 from medfm.eval.images import fid_kid, image_text_alignment, load_image_folder, memorization_audit, precision_recall_density_coverage
 from medfm.eval.reid import ReidentificationModel
+from medfm.hub import _summary
 from medfm.models.tokenizers import clip_tokenizer
 
 SIZE = 64
@@ -33,7 +34,7 @@ def images(tmp_path_factory):
     """Two phantom imagefolders of different seeds: {name: (folder, uint8 images, prompts)}."""
     root = tmp_path_factory.mktemp("phantoms")
     return {name: (folder, *load_image_folder(folder, SIZE))
-            for name, folder in (("a", write_phantom_dataset(root / "a", 16, seed=1, size=SIZE)), ("b", write_phantom_dataset(root / "b", 16, seed=2, size=SIZE)))}
+            for name, folder in ((name, write_phantom_dataset(root / name, 16, seed=seed, size=SIZE)) for name, seed in (("a", 1), ("b", 2)))}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def rad_dino_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-rad-dino")
     torch.manual_seed(0)
     Dinov2Model(Dinov2Config(**TINY_VISION)).save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5307] * 3, image_std=[0.2583] * 3).save_pretrained(folder)
+    processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5307] * 3, image_std=[0.2583] * 3)
+    processor.save_pretrained(folder)
     return folder
 
 
@@ -233,6 +235,9 @@ def test_several_extractors_in_one_command(tmp_path, images, rad_dino_folder, si
     assert all(f">{name}</th>" in page for name in names) and "Re-identification" in page and f"alignment ({siglip_folder.name})" in page
     assert "index.html" in capsys.readouterr().out
     assert np.isfinite([entry["fid"] for entry in metrics["features"].values()]).all()
+    rows = {row["metric"] for row in _summary("images", metrics)}  # what `--adapter` writes into the model card
+    assert {f"{metric} ({name})" for metric in ("fid", "precision", "coverage") for name in names} <= rows
+    assert f"clip_score ({siglip_folder.name})" in rows and "reid_share_above_threshold" in rows
 
 
 def test_open_clip_hf_hub_spec_loads_from_a_hub(open_clip_folder, monkeypatch, tmp_path):

@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 

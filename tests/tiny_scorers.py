@@ -1,0 +1,117 @@
+"""Tiny, randomly initialised checkpoints in the exact layout RadEval's scorers download from the Hub (file names, repo ids,
+state-dict keys, tokenizer files), for serving from tests/hub_server.py. Each builder returns {path in repo: bytes}.
+
+The models are tiny (a few thousand parameters) so the packages' real code paths run in seconds; their scores are
+meaningless, which is all a test of the plumbing needs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+
+WORDS = ("no acute cardiopulmonary process the lungs are clear there is a small large moderate mild right left pleural effusion "
+         "pneumothorax cardiomegaly consolidation edema atelectasis opacity lower upper lobe heart size normal concerning for "
+         "pneumonia tube line in place of or and with without evidence . , : ( ) present seen").split()
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tiny_bert_config(vocab_size: int, layers: int = 2):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+                      max_position_embeddings=512, initializer_range=1.0)  # wide weights: outputs differ between reports
+
+
+def bert_base_uncased() -> dict[str, bytes]:
+    """`bert-base-uncased` as the Hub has it: config.json, vocab.txt (WordPiece, lower-cased), tokenizer.json, tokenizer_config.json."""
+    from transformers import BertTokenizer
+
+    vocab = "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]) + "\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.txt").write_text(vocab)
+        tokenizer = BertTokenizer(vocab=str(Path(tmp) / "vocab.txt"), do_lower_case=True)
+        tokenizer.save_pretrained(Path(tmp) / "repo")
+        tiny_bert_config(len(tokenizer)).save_pretrained(Path(tmp) / "repo")
+        files = _folder_files(Path(tmp) / "repo")
+    files["vocab.txt"] = vocab.encode()
+    files["tokenizer_config.json"] = json.dumps({"do_lower_case": True, "model_max_length": 512}).encode()
+    return files
+
+
+def chexbert_pth(bert_files: dict[str, bytes], seed: int = 0) -> bytes:
+    """StanfordAIMI/RRG_scorers chexbert.pth: {"model_state_dict": bert.* + linear_heads.0-13.*}, saved from DataParallel ("module.")."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(**{k: v for k, v in json.loads(bert_files["config.json"]).items() if k not in ("architectures", "transformers_version")})
+    bert = BertModel(config)
+    heads = [torch.nn.Linear(config.hidden_size, 4) for _ in range(13)] + [torch.nn.Linear(config.hidden_size, 2)]
+    state = {f"module.bert.{k}": v for k, v in bert.state_dict().items()}
+    for i, head in enumerate(heads):
+        state |= {f"module.linear_heads.{i}.{k}": v for k, v in head.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"model_state_dict": state, "epoch": 0}, buffer)
+    return buffer.getvalue()
+
+
+def tiny_bert_repo(seed: int = 0) -> dict[str, bytes]:
+    """A tiny BERT encoder repo with weights (model.safetensors): what AutoModel.from_pretrained(<encoder id>) reads."""
+    from transformers import BertModel
+
+    files = bert_base_uncased()
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = tiny_bert_config(len(files["vocab.txt"].decode().split()))
+        BertModel(config).save_pretrained(tmp)
+        files |= _folder_files(Path(tmp))
+    return files
+
+
+RADGRAPH_ENTITY_LABELS = ("ANAT-DP", "OBS-DP", "OBS-U", "OBS-DA")
+RADGRAPH_RELATION_LABELS = ("modify", "located_at", "suggestive_of")
+
+
+def radgraph_tarball(model_type: str, encoder_repo: str, seed: int = 0) -> bytes:
+    """StanfordAIMI/RRG_scorers <model_type>.tar.gz: an AllenNLP/DyGIE archive (config.json, vocabulary/, weights.th) whose
+    encoder is `encoder_repo` on the Hub (served by the test). Built with RadEval's own vendored DyGIE classes, so
+    the state-dict keys are exactly the ones its RadGraph loads with strict=True. Needs the encoder repo served already."""
+    from radeval.metrics.radgraph._vendor.allennlp.data import Vocabulary
+    from radeval.metrics.radgraph._vendor.allennlp.modules import text_field_embedders, token_embedders
+    from radeval.metrics.radgraph._vendor.dygie.models import dygie
+
+    bert = {"type": "pretrained_transformer_mismatched", "model_name": encoder_repo, "max_length": 512}
+    ffn = {"num_layers": 1, "hidden_dims": 8, "dropout": 0.0}
+    model = {"type": "dygie", "embedder": {"token_embedders": {"bert": bert}}, "feature_size": 4, "feedforward_params": ffn,
+             "initializer": {}, "module_initializer": {}, "loss_weights": {"ner": 0.2, "relation": 1.0, "coref": 0.0, "events": 0.0},
+             "max_span_width": 4, "target_task": "relation",
+             "modules": {"coref": {"spans_per_word": 0.3, "max_antecedents": 100, "coref_prop": 0}, "ner": {},
+                         "relation": {"spans_per_word": 0.5},
+                         "events": {"trigger_spans_per_word": 0.3, "argument_spans_per_word": 0.8,
+                                    "loss_weights": {"trigger": 1.0, "arguments": 0.5}}}}
+    config = {"dataset_reader": {"type": "dygie", "max_span_width": 4, "token_indexers": {"bert": bert}}, "model": model}
+    vocab = Vocabulary(non_padded_namespaces=["*labels", "*tags"])
+    for namespace, labels in (("ner_labels", RADGRAPH_ENTITY_LABELS), ("relation_labels", RADGRAPH_RELATION_LABELS)):
+        vocab.add_tokens_to_namespace(["", *labels], f"{model_type}__{namespace}")
+    torch.manual_seed(seed)
+    embedder = text_field_embedders.BasicTextFieldEmbedder(
+        {"bert": token_embedders.PretrainedTransformerMismatchedEmbedder(model_name=encoder_repo, max_length=512)})
+    kwargs = {k: v for k, v in model.items() if k not in ("type", "embedder", "initializer", "module_initializer")}
+    network = dygie.DyGIE(vocab=vocab, embedder=embedder, **json.loads(json.dumps(kwargs)))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2))
+        vocab.save_to_files(str(Path(tmp) / "vocabulary"))
+        torch.save(network.state_dict(), Path(tmp) / "weights.th")
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for path in sorted(Path(tmp).rglob("*")):
+                tar.add(path, arcname=str(path.relative_to(tmp)), recursive=False)
+    return buffer.getvalue()

@@ -186,3 +186,31 @@ def test_without_radeval_the_error_names_the_package_and_the_install(monkeypatch
                str(tmp_path / "out"), "--metrics", "radgraph"])
     with pytest.raises(ValueError, match="Unknown clinical metric 'bleu'"):
         clinical.per_report_scores("bleu", PREDICTIONS, REFERENCES)
+
+
+@pytest.mark.slow
+def test_radcliq_combines_radgraph_bertscore_chexbert_embeddings_and_bleu(hub):
+    serve_chexbert(hub)
+    serve_radgraph(hub, "radgraph")
+    hub.add_files("distilroberta-base", tiny_scorers.distilroberta_base())
+    scores = clinical.per_report_scores("radcliq", PREDICTIONS[:3], REFERENCES[:3])
+    identical = clinical.per_report_scores("radcliq", REFERENCES[:3], REFERENCES[:3])
+    # Identical reports score 1 on all four parts (RadGraph, BERTScore rescaled, CheXbert-embedding cosine, BLEU-2), so RadCliQ-v1
+    # is the fixed linear model at [1, 1, 1, 1]; different ones score worse (higher).
+    composite = clinical._radeval_metric("radcliq")._scorer
+    at_ones = float((composite.scaler.transform([[1.0, 1.0, 1.0, 1.0]]) @ composite.coefs[:4])[0] + composite.coefs[4])
+    assert identical == pytest.approx([at_ones] * 3, abs=1e-4) and all(s > at_ones for s in scores)
+    assert not clinical.METRICS["radcliq"].higher_is_better
+
+
+@pytest.mark.slow
+def test_green_runs_its_judge_on_a_tiny_causal_lm(hub):
+    from radeval.metrics.green_score.utils import make_prompt
+
+    hub.add_files("StanfordAIMI/GREEN-radllama2-7b", tiny_scorers.tiny_llama_judge([make_prompt(r, p) for r, p in zip(REFERENCES, PREDICTIONS)]))
+    result = evaluate_reports(REFERENCES[:3], PREDICTIONS[:3], bootstrap_samples=10, metrics=("green",))
+    judge = clinical._radeval_metric("green")._scorer
+    assert len(judge.completions) == 3 and all(isinstance(text, str) for text in judge.completions)  # the judge generated for every pair
+    # A random judge writes no "[Matched Findings]: N." line, which GREEN scores 0: the package's own parse, read back per report.
+    assert result["per_report"]["green"] == [float(judge.compute_green(text)) for text in judge.completions]
+    assert result["metrics"]["green"]["value"] == pytest.approx(np.mean(result["per_report"]["green"]))

@@ -115,3 +115,48 @@ def radgraph_tarball(model_type: str, encoder_repo: str, seed: int = 0) -> bytes
             for path in sorted(Path(tmp).rglob("*")):
                 tar.add(path, arcname=str(path.relative_to(tmp)), recursive=False)
     return buffer.getvalue()
+
+
+def tiny_llama_judge(corpus: list[str], max_new_tokens: int = 24, seed: int = 0) -> dict[str, bytes]:
+    """A causal LM repo as GREEN loads StanfordAIMI/GREEN-radllama2-7b: LlamaForCausalLM config + safetensors, and a Llama
+    (Metaspace BPE) tokenizer trained here on `corpus` (GREEN's prompt and the reports) so prompts stay a few hundred tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    state = json.loads(bpe.to_str())["model"]
+    tokenizer = LlamaTokenizer(vocab=state["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]])
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # GREEN asks generate() for max_length=2048, which the 7B judge ends early with </s>; random weights never do, so the
+        # repo's own generation_config caps new tokens (transformers lets max_new_tokens win over max_length).
+        GenerationConfig(bos_token_id=1, eos_token_id=2, max_new_tokens=max_new_tokens).save_pretrained(tmp)
+        return _folder_files(Path(tmp))
+
+
+def distilroberta_base(seed: int = 0) -> dict[str, bytes]:
+    """`distilroberta-base` as RadCliQ's BERTScore loads it (layer 5 of 6): RobertaModel + byte-level BPE vocab.json/merges.txt."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    state = json.loads(bpe._tokenizer.to_str())["model"]
+    tokenizer = RobertaTokenizer(vocab=state["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]],
+                                 model_max_length=512)
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=6, num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=514, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        RobertaModel(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = _folder_files(Path(tmp))
+    files["vocab.json"] = json.dumps(state["vocab"]).encode()
+    files["merges.txt"] = ("#version: 0.2\n" + "\n".join(m if isinstance(m, str) else " ".join(m) for m in state["merges"]) + "\n").encode()
+    return files

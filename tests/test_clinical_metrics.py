@@ -214,3 +214,20 @@ def test_green_runs_its_judge_on_a_tiny_causal_lm(hub):
     # A random judge writes no "[Matched Findings]: N." line, which GREEN scores 0: the package's own parse, read back per report.
     assert result["per_report"]["green"] == [float(judge.compute_green(text)) for text in judge.completions]
     assert result["metrics"]["green"]["value"] == pytest.approx(np.mean(result["per_report"]["green"]))
+
+
+@pytest.mark.slow
+def test_ratescore_runs_ner_and_synonym_encoder_on_tiny_models(hub):
+    try:
+        clinical._import("radeval.metrics.RaTEScore.scorer", "ratescore")
+    except ImportError as err:  # Python < 3.12 with medspacy's spacy<3.8 pin: the error says to pip install "spacy>=3.8"
+        assert 'pip install "spacy>=3.8"' in str(err)
+        pytest.skip(str(err))
+    hub.add_files("Angelakeke/RaTE-NER-Deberta", tiny_scorers.rate_ner_deberta())
+    hub.add_files("FremyCompany/BioLORD-2023-C", tiny_scorers.biolord_mpnet())
+    scores = clinical.per_report_scores("ratescore", PREDICTIONS, REFERENCES)
+    identical = clinical.per_report_scores("ratescore", REFERENCES, REFERENCES)
+    _, _, entities = clinical._radeval_metric("ratescore")._scorer.compute_score(REFERENCES, REFERENCES)
+    # RaTEScore gives 0.5 when a report has no entity, else the F1 of matched entity embeddings: 1 for identical reports.
+    assert identical == pytest.approx([1.0 if found else 0.5 for found in entities], abs=1e-5) and any(entities)
+    assert len(scores) == 6 and all(0 <= s <= 1 for s in scores)

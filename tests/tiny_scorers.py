@@ -160,3 +160,39 @@ def distilroberta_base(seed: int = 0) -> dict[str, bytes]:
     files["vocab.json"] = json.dumps(state["vocab"]).encode()
     files["merges.txt"] = ("#version: 0.2\n" + "\n".join(m if isinstance(m, str) else " ".join(m) for m in state["merges"]) + "\n").encode()
     return files
+
+
+RATE_TYPES = ("ABNORMALITY", "ANATOMY", "DISEASE", "NON-ABNORMALITY", "NON-DISEASE")
+
+
+def rate_ner_deberta(seed: int = 0) -> dict[str, bytes]:
+    """Angelakeke/RaTE-NER-Deberta: DebertaV2ForTokenClassification with RaTEScore's BIO labels in config.id2label, and a
+    DeBERTa-v2 (SentencePiece-style Unigram) tokenizer over WORDS."""
+    from transformers import DebertaV2Config, DebertaV2ForTokenClassification, DebertaV2Tokenizer
+
+    labels = ["O"] + [f"{prefix}-{kind}" for kind in RATE_TYPES for prefix in ("B", "I")]
+    pieces = [("[PAD]", 0.0), ("[UNK]", 0.0), ("[CLS]", 0.0), ("[SEP]", 0.0), ("[MASK]", 0.0)]
+    pieces += [(f"\u2581{word}", -1.0) for word in dict.fromkeys(WORDS)] + [(char, -5.0) for char in "abcdefghijklmnopqrstuvwxyz.,:()"]
+    tokenizer = DebertaV2Tokenizer(vocab=pieces, do_lower_case=True, model_max_length=512)
+    torch.manual_seed(seed)
+    config = DebertaV2Config(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                             max_position_embeddings=512, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                             initializer_range=1.0)  # wide weights: entities of several types
+    with tempfile.TemporaryDirectory() as tmp:
+        DebertaV2ForTokenClassification(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return _folder_files(Path(tmp))
+
+
+def biolord_mpnet(seed: int = 0) -> dict[str, bytes]:
+    """FremyCompany/BioLORD-2023-C as RaTEScore loads it (AutoModel, [CLS] state): a tiny MPNetModel + WordPiece vocab."""
+    from transformers import MPNetConfig, MPNetModel, MPNetTokenizer
+
+    vocab = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "[UNK]", "<mask>", *dict.fromkeys(WORDS)])}
+    tokenizer = MPNetTokenizer(vocab=vocab, model_max_length=512)
+    torch.manual_seed(seed)
+    config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        MPNetModel(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return _folder_files(Path(tmp))

@@ -80,7 +80,7 @@ def _eval_reports(args) -> None:
     ids, references, predictions = pair_reports(read_reports(args.references), read_reports(args.predictions))
     try:
         result = evaluate_reports(references, predictions, bootstrap_samples=args.bootstrap, uncertain=args.uncertain, seed=args.seed,
-                                  bertscore_model=args.bertscore_model, metrics=tuple(args.metrics), metrics_dir=args.metrics_dir)
+                                  bertscore_model=args.bertscore_model, clinical=tuple(args.metrics), metrics_dir=args.metrics_dir)
     except ImportError as err:  # a clinical metric's package is not installed: the message names it and the install command
         raise SystemExit(f"medfm eval reports: error: {err}") from err
     path = write_report_evaluation(result, ids, references, predictions, args.output_dir)

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import huggingface_hub.hf_api
 from huggingface_hub import constants
 
 import tiny_scorers
@@ -53,6 +54,7 @@ def hub(monkeypatch, tmp_path, no_java):
         for key, value in {"HF_ENDPOINT": server.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}.items():
             monkeypatch.setenv(key, value)
         monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", server.endpoint)  # list_repo_tree & co. took the endpoint at import
         monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
@@ -93,7 +95,7 @@ def download_as_told(error: str, endpoint: str) -> list[str]:
 @pytest.mark.slow
 def test_chexbert_f1_micro_macro_14_and_5_match_scikit_learn_on_radevals_own_labels(hub, tmp_path, no_nltk_download):
     serve_chexbert(hub)
-    result = evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=30, metrics=("chexbert",))
+    result = evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=30, clinical=("chexbert",))
     metrics = result["metrics"]
 
     # The same numbers straight from the package: F1CheXbert's labels, scored as its forward() does (classification_report).
@@ -111,9 +113,9 @@ def test_chexbert_f1_micro_macro_14_and_5_match_scikit_learn_on_radevals_own_lab
     for name in ("chexbert_f1_micro_14", "chexbert_f1_macro_5", "chexbert_example_f1_14"):
         low, high = metrics[name]["ci95"]
         assert 0 <= low <= high <= 1
-    assert result["clinical_labels"]["chexbert_reference_labels"][1] == dict(zip(scorer.TARGET_NAMES, map(int, refs[1]))) | {}
+    assert result["clinical_labels"]["chexbert_reference_labels"][1] == dict(zip(scorer.TARGET_NAMES, map(int, refs[1])))
     assert set(result["clinical_labels"]["chexbert_reference_labels"][1]) == set(CHEXPERT_LABELS)
-    assert "uncertain counted as positive" in result["notes"]["chexbert_policy"]
+    assert "uncertain counted as positive" in result["notes"]["clinical_metrics"]["chexbert"]["policy"]
     assert os.listdir(tmp_path / "chexbert-cache") and no_nltk_download == [("punkt_tab",)] * len(no_nltk_download)
 
     # Per-report scores for a reward: one float per report; identical reports agree on every label.
@@ -125,7 +127,7 @@ def test_chexbert_f1_micro_macro_14_and_5_match_scikit_learn_on_radevals_own_lab
 @pytest.mark.slow
 def test_missing_weights_name_the_commands_that_fill_metrics_dir_then_it_runs_offline(hub, tmp_path, monkeypatch, capsys):
     serve_chexbert(hub)
-    online = evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=0, metrics=("chexbert",))["metrics"]["chexbert_f1_micro_14"]["value"]
+    online = evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=0, clinical=("chexbert",))["metrics"]["chexbert_f1_micro_14"]["value"]
     clinical._chexbert.cache_clear()
     folder = tmp_path / "metric-weights"
     with pytest.raises(clinical.MissingMetricWeights) as missing:
@@ -134,7 +136,8 @@ def test_missing_weights_name_the_commands_that_fill_metrics_dir_then_it_runs_of
     assert "radeval (F1CheXbert)" in error and "StanfordAIMI/RRG_scorers chexbert.pth" in error and "bert-base-uncased (whole repo)" in error
     assert download_as_told(error, hub.endpoint) == [f"hf download StanfordAIMI/RRG_scorers chexbert.pth --cache-dir {folder}",
                                                      f"hf download bert-base-uncased --cache-dir {folder}"]
-    hub.repos.clear()  # from here on the Hub has nothing: the folder alone must do
+    hub.repos.clear()  # from here on the Hub has nothing: the folder alone must do, and no request may reach the Hub
+    requests = len(hub.authorizations)
     (tmp_path / "refs.jsonl").write_text("".join(f'{{"id": "s{i}", "report": "{r}"}}\n' for i, r in enumerate(REFERENCES)))
     (tmp_path / "preds.jsonl").write_text("".join(f'{{"id": "s{i}", "report": "{p}"}}\n' for i, p in enumerate(PREDICTIONS)))
     medfm(["eval", "reports", "--references", str(tmp_path / "refs.jsonl"), "--predictions", str(tmp_path / "preds.jsonl"),
@@ -146,19 +149,31 @@ def test_missing_weights_name_the_commands_that_fill_metrics_dir_then_it_runs_of
     rows = [json.loads(line) for line in (tmp_path / "out" / "per_report.jsonl").read_text().splitlines()]
     assert set(rows[0]["chexbert_predicted_labels"]) == set(CHEXPERT_LABELS) and 0 <= rows[0]["scores"]["chexbert_example_f1_14"] <= 1
     assert "bleu4" in rows[0]["scores"] and "chexbert_f1_macro_5" in capsys.readouterr().out
-    assert not hub.authorizations or constants.HF_HUB_OFFLINE is False  # the fixture's online mode is restored after the block
+    assert len(hub.authorizations) == requests and constants.HF_HUB_OFFLINE is False  # offline inside, online mode restored after
 
 
 @pytest.mark.slow
 def test_radgraph_runs_on_a_tiny_dygie_archive(hub, tmp_path):
     serve_radgraph(hub, "radgraph-xl")
-    result = evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=20, metrics=("radgraph",))
+    result = evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=20, clinical=("radgraph",))
     for level in ("simple", "partial", "complete"):
         entry = result["metrics"][f"radgraph_{level}"]
         assert 0 <= entry["ci95"][0] <= entry["value"] <= entry["ci95"][1] <= 1 and len(result["per_report"][f"radgraph_{level}"]) == 6
     assert (tmp_path / "radgraph-cache" / "radgraph-xl" / "weights.th").is_file()  # RadGraph unpacked the served archive
     same = clinical.per_report_scores("radgraph", REFERENCES, REFERENCES)
     assert all(score in (0.0, 1.0) for score in same) and 1.0 in same  # identical reports: 1, or 0 where the model finds no entity
+
+    # --metrics_dir: the archive first; once it is there, the encoder its config.json names; then it runs with the Hub gone.
+    folder, commands = tmp_path / "metric-weights", []
+    clinical._radeval_metric.cache_clear()
+    for _ in range(2):
+        with pytest.raises(clinical.MissingMetricWeights) as missing:
+            clinical.per_report_scores("radgraph", PREDICTIONS, REFERENCES, metrics_dir=folder)
+        commands += download_as_told(str(missing.value), hub.endpoint)
+    hub.repos.clear()
+    offline = clinical.per_report_scores("radgraph", PREDICTIONS, REFERENCES, metrics_dir=folder)
+    assert commands == [f"hf download StanfordAIMI/RRG_scorers radgraph-xl.tar.gz --cache-dir {folder}", f"hf download {ENCODER} --cache-dir {folder}"]
+    assert offline == pytest.approx(result["per_report"]["radgraph_partial"]) and (folder / "radgraph-xl" / "weights.th").is_file()
 
 
 def test_each_metric_offline_without_weights_names_package_repos_and_commands(tmp_path, monkeypatch):
@@ -195,11 +210,14 @@ def test_radcliq_combines_radgraph_bertscore_chexbert_embeddings_and_bleu(hub):
     hub.add_files("distilroberta-base", tiny_scorers.distilroberta_base())
     scores = clinical.per_report_scores("radcliq", PREDICTIONS[:3], REFERENCES[:3])
     identical = clinical.per_report_scores("radcliq", REFERENCES[:3], REFERENCES[:3])
-    # Identical reports score 1 on all four parts (RadGraph, BERTScore rescaled, CheXbert-embedding cosine, BLEU-2), so RadCliQ-v1
-    # is the fixed linear model at [1, 1, 1, 1]; different ones score worse (higher).
+    # Identical reports score 1 on BERTScore (rescaled), the CheXbert-embedding cosine and BLEU-2; RadGraph's part is
+    # (entity F1 + relation F1) / 2, where a side with no relation scores 0. RadCliQ-v1 is RadEval's fixed linear model on them.
     composite = clinical._radeval_metric("radcliq")._scorer
-    at_ones = float((composite.scaler.transform([[1.0, 1.0, 1.0, 1.0]]) @ composite.coefs[:4])[0] + composite.coefs[4])
-    assert identical == pytest.approx([at_ones] * 3, abs=1e-4) and all(s > at_ones for s in scores)
+    parts = composite._compute_sub_metrics(REFERENCES[:3], REFERENCES[:3])
+    assert np.allclose(np.column_stack([parts[k] for k in ("bertscore", "semb_score", "bleu_score")]), 1.0, atol=1e-4)
+    assert set(np.round(parts["radgraph"], 6)) <= {0.0, 0.5, 1.0}
+    expected = composite.scaler.transform(composite._build_matrix(parts)) @ composite.coefs[:4] + composite.coefs[4]
+    assert identical == pytest.approx(expected.tolist(), abs=1e-4) and len(scores) == 3 and all(np.isfinite(scores))
     assert not clinical.METRICS["radcliq"].higher_is_better
 
 
@@ -208,7 +226,7 @@ def test_green_runs_its_judge_on_a_tiny_causal_lm(hub):
     from radeval.metrics.green_score.utils import make_prompt
 
     hub.add_files("StanfordAIMI/GREEN-radllama2-7b", tiny_scorers.tiny_llama_judge([make_prompt(r, p) for r, p in zip(REFERENCES, PREDICTIONS)]))
-    result = evaluate_reports(REFERENCES[:3], PREDICTIONS[:3], bootstrap_samples=10, metrics=("green",))
+    result = evaluate_reports(REFERENCES[:3], PREDICTIONS[:3], bootstrap_samples=10, clinical=("green",))
     judge = clinical._radeval_metric("green")._scorer
     assert len(judge.completions) == 3 and all(isinstance(text, str) for text in judge.completions)  # the judge generated for every pair
     # A random judge writes no "[Matched Findings]: N." line, which GREEN scores 0: the package's own parse, read back per report.

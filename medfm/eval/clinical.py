@@ -13,9 +13,11 @@ import contextlib
 import importlib
 import importlib.abc
 import importlib.util
+import json
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,7 +55,7 @@ class ClinicalMetric:
     scorer: Callable[[list[str], list[str]], dict[str, np.ndarray]]
     reward: str  # the per-report column a reward uses
     higher_is_better: bool = True
-    notes: dict = field(default_factory=dict)
+    policy: str = ""  # how its output is read, printed with the results
 
 
 # ------------------------------------------------------------------------------------------------ RadEval plumbing
@@ -128,12 +130,30 @@ def _cached(weights: Weights, cache_dir: str) -> bool:
     return all(isinstance(try_to_load_from_cache(weights.repo_id, name, cache_dir=cache_dir), str) for name in weights.files or ("config.json",))
 
 
+def _radgraph_encoder(weights: Weights, cache_dir: str) -> Weights | None:
+    """The Hub encoder a cached RadGraph archive names in its config.json (AutoModel / AutoTokenizer load it by that id)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    unpacked = Path(cache_dir) / weights.files[0].removesuffix(".tar.gz") / "config.json"
+    if unpacked.is_file():
+        config = json.loads(unpacked.read_text())
+    else:
+        archive = try_to_load_from_cache(weights.repo_id, weights.files[0], cache_dir=cache_dir)
+        if not isinstance(archive, str):
+            return None
+        with tarfile.open(archive, "r:gz") as tar:
+            member = next(m for m in tar.getmembers() if m.name.lstrip("./") == "config.json")
+            config = json.loads(tar.extractfile(member).read())
+    return Weights(config["model"]["embedder"]["token_embedders"]["bert"]["model_name"])
+
+
 def check_weights(metric: ClinicalMetric) -> None:
     """Offline (HF_HUB_OFFLINE or --metrics_dir), every weight file must be cached: else one error naming them and the commands."""
     from huggingface_hub import constants
 
-    caches = {kind: cache_dir(kind) for kind in {w.cache for w in metric.weights}}
-    missing = [w for w in metric.weights if not _cached(w, caches[w.cache])]
+    caches = {kind: cache_dir(kind) for kind in {w.cache for w in metric.weights} | {"hub"}}
+    needed = list(metric.weights) + [e for w in metric.weights if w.cache == "radgraph" and (e := _radgraph_encoder(w, caches["radgraph"]))]
+    missing = [w for w in needed if not _cached(w, caches[w.cache])]
     if missing and constants.HF_HUB_OFFLINE:
         lines = "\n".join(f"  {w.repo_id} {' '.join(w.files) or '(whole repo)'}:  {w.download_command(caches[w.cache])}" for w in missing)
         raise MissingMetricWeights(f"--metrics {metric.name} ({metric.package}) needs weights that are not in {sorted({caches[w.cache] for w in missing})} "
@@ -142,9 +162,6 @@ def check_weights(metric: ClinicalMetric) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ scorers
-CHEXBERT_FIVE = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-
-
 @lru_cache(maxsize=None)
 def _chexbert(device: str):
     return _import("radeval.metrics.f1chexbert", "chexbert").F1CheXbert(device=device)
@@ -197,7 +214,8 @@ def _adapter_scorer(radeval_name: str, columns: dict[str, str]) -> Callable[[lis
 BERT = Weights("bert-base-uncased")
 CHEXBERT = Weights(RRG_SCORERS, ("chexbert.pth",), cache="chexbert")
 METRICS: dict[str, ClinicalMetric] = {m.name: m for m in (
-    ClinicalMetric("chexbert", "radeval (F1CheXbert)", (CHEXBERT, BERT), _chexbert_scores, reward="chexbert_example_f1_14"),
+    ClinicalMetric("chexbert", "radeval (F1CheXbert)", (CHEXBERT, BERT), _chexbert_scores, reward="chexbert_example_f1_14",
+                   policy="CheXbert labels with uncertain counted as positive (f1chexbert's and RadEval's 'rrg' mode); blank and negative as negative"),
     ClinicalMetric("radgraph", "radeval (RadGraph-XL, F1RadGraph)", (Weights(RRG_SCORERS, ("radgraph-xl.tar.gz",), cache="radgraph"),),
                    _adapter_scorer("radgraph", {f"radgraph_{level}": f"radgraph_{level}" for level in ("simple", "partial", "complete")}),
                    reward="radgraph_partial"),
@@ -207,7 +225,8 @@ METRICS: dict[str, ClinicalMetric] = {m.name: m for m in (
                    _adapter_scorer("ratescore", {"ratescore": "ratescore"}), reward="ratescore"),
     ClinicalMetric("radcliq", "radeval (RadCliQ-v1)", (Weights(RRG_SCORERS, ("radgraph.tar.gz",), cache="radgraph"), CHEXBERT, BERT,
                                                        Weights("distilroberta-base")),
-                   _adapter_scorer("radcliq", {"radcliq_v1": "radcliq_v1"}), reward="radcliq_v1", higher_is_better=False),
+                   _adapter_scorer("radcliq", {"radcliq_v1": "radcliq_v1"}), reward="radcliq_v1", higher_is_better=False,
+                   policy="mean of per-report RadCliQ-v1 (RadEval and ReXrank print 1/mean)"),
 )}
 
 

@@ -158,12 +158,12 @@ def chexpert_f1(reference: torch.Tensor, predicted: torch.Tensor, prefix: str = 
 
 # ------------------------------------------------------------------------------------------------ the harness
 def evaluate_reports(references: list[str], predictions: list[str], bootstrap_samples: int = 1000, uncertain: str = "negative",
-                     seed: int = 0, bertscore_model: str | None = None, metrics: tuple[str, ...] = (), metrics_dir: str | None = None) -> dict:
-    """Every metric with a bootstrap 95% CI over reports (resampled with replacement, `seed` fixed); `metrics` adds the
+                     seed: int = 0, bertscore_model: str | None = None, clinical: tuple[str, ...] = (), metrics_dir: str | None = None) -> dict:
+    """Every metric with a bootstrap 95% CI over reports (resampled with replacement, `seed` fixed); `clinical` adds the
     clinical ones of medfm.eval.clinical (CheXbert, RadGraph, GREEN, RaTEScore, RadCliQ), weights from `metrics_dir` or the caches."""
     if uncertain not in ("positive", "negative"):
         raise ValueError("uncertain must be 'positive' or 'negative'")
-    for name in metrics:  # fail before any work when a package or its weights are missing
+    for name in clinical:  # fail before any work when a package or its weights are missing
         require(name, metrics_dir)
     bertscores = bertscore_f1(references, predictions, bertscore_model) if bertscore_model else None
     corpus, per_report, notes = nlg_scores(references, predictions)
@@ -177,19 +177,17 @@ def evaluate_reports(references: list[str], predictions: list[str], bootstrap_sa
     corpus.update(chexpert_f1(ref_matrix, pred_matrix))
     label_sets = {"chexpert": (ref_matrix, pred_matrix)}
     clinical_labels = {}
-    for name in metrics:
-        for column, values in clinical_scores(name, predictions, references, metrics_dir).items():
-            if values.ndim == 2:  # CheXbert's label matrices
-                clinical_labels[column] = values
-            else:
-                per_report[column], corpus[column] = values, float(np.nanmean(values))
-        if name == "chexbert":
-            label_sets["chexbert"] = torch.from_numpy(clinical_labels["chexbert_reference_labels"]), torch.from_numpy(clinical_labels["chexbert_predicted_labels"])
-            corpus.update(chexpert_f1(*label_sets["chexbert"], prefix="chexbert"))
-            notes["chexbert_policy"] = "CheXbert (RadEval F1CheXbert) labels; uncertain counted as positive, as f1chexbert's and RadEval's 'rrg' mode"
-    if metrics:
+    for name in clinical:
+        scores = clinical_scores(name, predictions, references, metrics_dir)
+        per_report |= {column: values for column, values in scores.items() if values.ndim == 1}
+        corpus |= {column: float(np.nanmean(values)) for column, values in scores.items() if values.ndim == 1}
+        if f"{name}_reference_labels" in scores:  # a labeler (CheXbert): F1 micro/macro over 14 and 5 like the rule-based labels
+            label_sets[name] = torch.from_numpy(scores[f"{name}_reference_labels"]), torch.from_numpy(scores[f"{name}_predicted_labels"])
+            corpus.update(chexpert_f1(*label_sets[name], prefix=name))
+            clinical_labels |= {column: values for column, values in scores.items() if values.ndim == 2}
+    if clinical:
         notes["clinical_metrics"] = {name: {"package": METRICS[name].package, "weights": [w.repo_id + "".join(f"/{f}" for f in w.files) for w in METRICS[name].weights],
-                                            "higher_is_better": METRICS[name].higher_is_better} for name in metrics}
+                                            "higher_is_better": METRICS[name].higher_is_better, "policy": METRICS[name].policy} for name in clinical}
 
     gts = {str(i): [_simple_tokenize(r) or "<empty>"] for i, r in enumerate(references)}
     res = {str(i): [_simple_tokenize(p) or "<empty>"] for i, p in enumerate(predictions)}
@@ -241,6 +239,6 @@ def format_metrics(result: dict) -> str:
         lines.append(f"{name:<24} {'n/a':>8}   {reason}")
     lines.append(f"CheXpert F1 policy: {result['notes']['chexpert_policy']}")
     lines.append(f"Tokenizer: {result['notes']['tokenizer']}")
-    if "chexbert_policy" in result["notes"]:
-        lines.append(f"CheXbert F1 policy: {result['notes']['chexbert_policy']}")
+    for name, entry in result["notes"].get("clinical_metrics", {}).items():
+        lines.append(f"{name}: {entry['package']}{'' if entry['higher_is_better'] else ' (lower is better)'}; {entry['policy']}".rstrip("; "))
     return "\n".join(lines)

@@ -24,10 +24,10 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def tiny_bert_config(vocab_size: int, layers: int = 2):
+def tiny_bert_config(vocab_size: int):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+    return BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                       max_position_embeddings=512, initializer_range=1.0)  # wide weights: outputs differ between reports
 
 

@@ -78,8 +78,11 @@ def _eval_reports(args) -> None:
     from .eval.report_metrics import evaluate_reports, format_metrics, pair_reports, read_reports, write_report_evaluation
 
     ids, references, predictions = pair_reports(read_reports(args.references), read_reports(args.predictions))
-    result = evaluate_reports(references, predictions, bootstrap_samples=args.bootstrap, uncertain=args.uncertain, seed=args.seed,
-                              bertscore_model=args.bertscore_model)
+    try:
+        result = evaluate_reports(references, predictions, bootstrap_samples=args.bootstrap, uncertain=args.uncertain, seed=args.seed,
+                                  bertscore_model=args.bertscore_model, clinical=tuple(args.metrics), metrics_dir=args.metrics_dir)
+    except ImportError as err:  # a clinical metric's package is not installed: the message names it and the install command
+        raise SystemExit(f"medfm eval reports: error: {err}") from err
     path = write_report_evaluation(result, ids, references, predictions, args.output_dir)
     print(format_metrics(result))
     print(f"Wrote {path} and per_report.jsonl")
@@ -231,6 +234,8 @@ def _add_study_commands(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.clinical import METRICS as CLINICAL_METRICS
+
     parser = argparse.ArgumentParser(prog="medfm", description="LoRA-adapt foundation models to radiology image–report pairs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -292,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_argument("--seed", type=int, default=0)
     reports.add_argument("--bertscore_model", help="Local model folder for BERTScore (e.g. roberta-large saved with save_pretrained).")
     reports.add_argument("--adapter", help="Adapter folder that wrote the predictions: the result goes into its eval_results.json and model card.")
+    reports.add_argument("--metrics", nargs="+", default=[], choices=sorted(CLINICAL_METRICS),
+                         help='Clinical metrics from RadEval (pip install "medfm[clinical]"): CheXbert F1 micro/macro over 14 and 5, RadGraph F1, '
+                              "GREEN, RaTEScore, RadCliQ-v1; per report and with bootstrap CIs.")
+    reports.add_argument("--metrics_dir", help="A Hugging Face cache folder holding the metrics' weights (hf download REPO FILE --cache-dir DIR); "
+                                               "read offline. Default: the caches RadEval itself uses.")
     reports.set_defaults(run=_eval_reports)
 
     images = targets.add_parser("images", help="FID/KID and PRDC per feature extractor, MS-SSIM diversity, image-text alignment, "

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 USER = "medfm-user"
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".png", ".jpg")
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".tar.gz", ".png", ".jpg")
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -60,6 +60,14 @@ class LocalHub:
     def __enter__(self) -> LocalHub:
         self.thread.start()
         return self
+
+    def add_files(self, repo_id: str, files: dict[str, bytes]) -> None:
+        """Commit `files` to the public model repo `repo_id` (made if new), as if pushed: a package's weights for a test to download."""
+        with self.lock:
+            repo = self.repos.setdefault(repo_id, Repo(private=False))
+            repo.files.update(files)
+            repo.lfs.update(path for path in files if path.endswith(LFS_SUFFIXES))
+            repo.commits.append(hashlib.sha1((repo_id + repo.sha + "".join(sorted(map(git_blob_sha1, files.values())))).encode()).hexdigest())
 
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
@@ -236,7 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, headers=headers, body=data)
 
 
-_REPO = r"/([\w.-]+/[\w.-]+)"
+_REPO = r"/((?:[\w.-]+/)?[\w.-]+)"  # owner/name, or a bare legacy name such as bert-base-uncased
 ROUTES = [
     ("POST", r"/api/repos/create", _Handler.create_repo),
     ("POST", r"/api/validate-yaml", _Handler.validate_yaml),

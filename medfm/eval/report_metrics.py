@@ -15,6 +15,7 @@ from torchmetrics.functional.text import bleu_score, rouge_score
 from tqdm.auto import tqdm
 
 from ..data.phantom import CHEXPERT_LABELS
+from .clinical import METRICS, clinical_scores, require
 from .labeler import label_reports
 
 FIVE_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -143,23 +144,27 @@ def label_matrix(labels: list[dict], uncertain: str) -> torch.Tensor:
     return torch.tensor([[int(row[name] in positive) for name in CHEXPERT_LABELS] for row in labels])
 
 
-def chexpert_f1(reference: torch.Tensor, predicted: torch.Tensor) -> dict[str, float]:
-    """Micro and macro F1 over the 14 observations and over the usual 5."""
+def chexpert_f1(reference: torch.Tensor, predicted: torch.Tensor, prefix: str = "chexpert") -> dict[str, float]:
+    """Micro and macro F1 over the 14 observations and over the usual 5 (a label absent from both counts 0 in the macro
+    mean, as scikit-learn's classification_report that f1chexbert / RadEval use)."""
     five = [CHEXPERT_LABELS.index(name) for name in FIVE_LABELS]
     scores = {}
     for suffix, columns in (("14", list(range(len(CHEXPERT_LABELS)))), ("5", five)):
         for average in ("micro", "macro"):
             value = multilabel_f1_score(predicted[:, columns], reference[:, columns], num_labels=len(columns), average=average, zero_division=0)
-            scores[f"chexpert_f1_{average}_{suffix}"] = float(value)
+            scores[f"{prefix}_f1_{average}_{suffix}"] = float(value)
     return scores
 
 
 # ------------------------------------------------------------------------------------------------ the harness
 def evaluate_reports(references: list[str], predictions: list[str], bootstrap_samples: int = 1000, uncertain: str = "negative",
-                     seed: int = 0, bertscore_model: str | None = None) -> dict:
-    """Every metric with a bootstrap 95% CI over reports (resampled with replacement, `seed` fixed)."""
+                     seed: int = 0, bertscore_model: str | None = None, clinical: tuple[str, ...] = (), metrics_dir: str | None = None) -> dict:
+    """Every metric with a bootstrap 95% CI over reports (resampled with replacement, `seed` fixed); `clinical` adds the
+    clinical ones of medfm.eval.clinical (CheXbert, RadGraph, GREEN, RaTEScore, RadCliQ), weights from `metrics_dir` or the caches."""
     if uncertain not in ("positive", "negative"):
         raise ValueError("uncertain must be 'positive' or 'negative'")
+    for name in clinical:  # fail before any work when a package or its weights are missing
+        require(name, metrics_dir)
     bertscores = bertscore_f1(references, predictions, bertscore_model) if bertscore_model else None
     corpus, per_report, notes = nlg_scores(references, predictions)
     if bertscores is not None:
@@ -170,6 +175,19 @@ def evaluate_reports(references: list[str], predictions: list[str], bootstrap_sa
     reference_labels, predicted_labels = label_reports(references), label_reports(predictions)
     ref_matrix, pred_matrix = label_matrix(reference_labels, uncertain), label_matrix(predicted_labels, uncertain)
     corpus.update(chexpert_f1(ref_matrix, pred_matrix))
+    label_sets = {"chexpert": (ref_matrix, pred_matrix)}
+    clinical_labels = {}
+    for name in clinical:
+        scores = clinical_scores(name, predictions, references, metrics_dir)
+        per_report |= {column: values for column, values in scores.items() if values.ndim == 1}
+        corpus |= {column: float(np.nanmean(values)) for column, values in scores.items() if values.ndim == 1}
+        if f"{name}_reference_labels" in scores:  # a labeler (CheXbert): F1 micro/macro over 14 and 5 like the rule-based labels
+            label_sets[name] = torch.from_numpy(scores[f"{name}_reference_labels"]), torch.from_numpy(scores[f"{name}_predicted_labels"])
+            corpus.update(chexpert_f1(*label_sets[name], prefix=name))
+            clinical_labels |= {column: values for column, values in scores.items() if values.ndim == 2}
+    if clinical:
+        notes["clinical_metrics"] = {name: {"package": METRICS[name].package, "weights": [w.repo_id + "".join(f"/{f}" for f in w.files) for w in METRICS[name].weights],
+                                            "higher_is_better": METRICS[name].higher_is_better, "policy": METRICS[name].policy} for name in clinical}
 
     gts = {str(i): [_simple_tokenize(r) or "<empty>"] for i, r in enumerate(references)}
     res = {str(i): [_simple_tokenize(p) or "<empty>"] for i, p in enumerate(predictions)}
@@ -179,11 +197,12 @@ def evaluate_reports(references: list[str], predictions: list[str], bootstrap_sa
         index = rng.integers(0, len(references), len(references))
         for name, scores in per_report.items():
             if not name.startswith("bleu"):
-                samples[name].append(float(scores[index].mean()))
+                samples[name].append(float(np.nanmean(scores[index])))
         for n, value in enumerate(_corpus_bleu((gts, res), index)):
             samples[f"bleu{n + 1}"].append(float(value))
-        for name, value in chexpert_f1(ref_matrix[index], pred_matrix[index]).items():
-            samples[name].append(value)
+        for prefix, (reference, predicted) in label_sets.items():
+            for name, value in chexpert_f1(reference[index], predicted[index], prefix=prefix).items():
+                samples[name].append(value)
     metrics = {name: {"value": value, "ci95": [float(np.percentile(samples[name], 2.5)), float(np.percentile(samples[name], 97.5))]
                       if bootstrap_samples else None} for name, value in corpus.items()}
     notes.update({
@@ -192,7 +211,9 @@ def evaluate_reports(references: list[str], predictions: list[str], bootstrap_sa
         "bootstrap": f"{bootstrap_samples} resamples of reports, percentile 95% CI, seed {seed}; BLEU CIs use the word-split "
                      "tokenizer, METEOR/ROUGE-L/CIDEr CIs resample per-report scores (CIDEr IDF from the full set)",
     })
-    return {"metrics": metrics, "notes": notes, "labels": {"references": reference_labels, "predictions": predicted_labels}}
+    return {"metrics": metrics, "notes": notes, "labels": {"references": reference_labels, "predictions": predicted_labels},
+            "per_report": {name: [None if np.isnan(v) else float(v) for v in scores] for name, scores in per_report.items()},
+            "clinical_labels": {name: [dict(zip(CHEXPERT_LABELS, map(int, row))) for row in matrix] for name, matrix in clinical_labels.items()}}
 
 
 def write_report_evaluation(result: dict, ids: list[str], references: list[str], predictions: list[str], output_dir: str | Path) -> Path:
@@ -203,7 +224,9 @@ def write_report_evaluation(result: dict, ids: list[str], references: list[str],
     with open(output_dir / "per_report.jsonl", "w", encoding="utf-8") as f:
         for i, (ref, pred) in enumerate(zip(references, predictions)):
             f.write(json.dumps({"id": ids[i], "reference": ref, "prediction": pred, "reference_labels": result["labels"]["references"][i],
-                                "predicted_labels": result["labels"]["predictions"][i]}) + "\n")
+                                "predicted_labels": result["labels"]["predictions"][i],
+                                "scores": {name: values[i] for name, values in result.get("per_report", {}).items()},
+                                **{name: labels[i] for name, labels in result.get("clinical_labels", {}).items()}}) + "\n")
     return output_dir / "metrics.json"
 
 
@@ -216,4 +239,6 @@ def format_metrics(result: dict) -> str:
         lines.append(f"{name:<24} {'n/a':>8}   {reason}")
     lines.append(f"CheXpert F1 policy: {result['notes']['chexpert_policy']}")
     lines.append(f"Tokenizer: {result['notes']['tokenizer']}")
+    for name, entry in result["notes"].get("clinical_metrics", {}).items():
+        lines.append(f"{name}: {entry['package']}{'' if entry['higher_is_better'] else ' (lower is better)'}; {entry['policy']}".rstrip("; "))
     return "\n".join(lines)

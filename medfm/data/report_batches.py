@@ -51,15 +51,22 @@ def report_token_loss(model, batch: dict) -> torch.Tensor:
 def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the labelled tokens and their mask, both (batch, T): logits from the first labelled position on only
     (as report_token_loss), log-softmax and gather in TRL's memory-saving selective_log_softmax."""
-    from trl.trainer.utils import selective_log_softmax
-
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
     first = max(int((labels != IGNORE_INDEX).int().argmax(dim=1).min()), 1)
     logits = model(**inputs, logits_to_keep=labels.shape[1] - first + 1).logits[:, :-1]
     targets = labels[:, first:].to(logits.device)
     mask = targets != IGNORE_INDEX
-    return selective_log_softmax(logits.float(), targets.clamp(min=0)), mask
+    return trl_utils().selective_log_softmax(logits.float(), targets.clamp(min=0)), mask
+
+
+def trl_utils():
+    """trl.trainer.utils, or an error that says how to install it."""
+    try:
+        from trl.trainer import utils
+    except ImportError as err:
+        raise ImportError(f"--method grpo and dpo use TRL: pip install 'medfm[align]' (trl>=1.16) ({err})") from err
+    return utils
 
 
 def end_token_id(model) -> int:

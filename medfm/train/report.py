@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoProcessor
 
 from ..config import TrainConfig
-from ..data.report_batches import ReportCollator, end_token_id, full_instruction, report_token_loss
+from ..data.report_batches import ReportCollator, end_token_id, full_instruction, report_token_loss, trl_utils
 from ..data.studies import ReportStudyDataset, load_studies
 from ..eval.report_metrics import quick_report_metrics
 from ..generate import generate_reports
@@ -76,10 +76,8 @@ class ReportLoRARecipe(LoRARecipe):
 
     def reference_policy(self):
         """Context in which the model is the starting policy: the init adapter's frozen copy, else the base (adapter disabled)."""
-        from trl.trainer.utils import use_adapter
-
         model = self.accelerator.unwrap_model(self.model)
-        return use_adapter(model, REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else None)
+        return trl_utils().use_adapter(model, REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else None)
 
     def _setup_data(self) -> None:
         cfg = self.config

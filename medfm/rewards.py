@@ -10,8 +10,9 @@ Built-in terms (each in [0, 1], higher is better):
   (a reward on one metric alone gets gamed by shorter or longer reports).
 - `bleu4`: smoothed sentence BLEU-4, `rougel`: ROUGE-L F1 (torchmetrics, lower-cased, as `quick_report_metrics`).
 - `bertscore@/local/model/folder`: BERTScore F1 with a local model (as `medfm eval reports --bertscore_model`).
-- `radgraph`, `chexbert`, `green`, `radcliq`, ...: RadEval's scorers through `medfm.eval.clinical` (needs `pip install
-  radeval` and its weights, which it downloads from the Hub on first use).
+- `radgraph`, `chexbert`, `green`, `ratescore`, `radcliq`: RadEval's per-report scores through `medfm.eval.clinical`
+  (RadGraph partial F1, CheXbert example F1, GREEN, RaTEScore, minus RadCliQ-v1); needs `pip install 'medfm[clinical]'` and
+  the metric's weights, which RadEval downloads from the Hub on first use.
 - `package.module:function`: any function called as `function(completions=[str], references=[str], images=[[PIL.Image]])`
   that returns one float per completion (`images`: each study's images, or None when the caller has none).
 """
@@ -29,7 +30,7 @@ from .eval.labeler import label_reports
 from .eval.report_metrics import label_matrix
 
 RewardFunction = Callable[..., Sequence[float]]
-RADEVAL_TERMS = ("radgraph", "chexbert", "green", "radcliq", "ratescore", "bertscore_radeval")
+RADEVAL_TERMS = ("radgraph", "chexbert", "green", "ratescore", "radcliq")  # medfm.eval.clinical.METRICS
 DEFAULT_REWARD = {"clinical": 1.0, "length": 0.2, "rougel": 0.3}
 
 
@@ -72,19 +73,17 @@ def bertscore(model_path: str) -> RewardFunction:
 
 
 def radeval(metric: str) -> RewardFunction:
-    """A RadEval scorer by name, through medfm.eval.clinical (imported only when such a term is asked for)."""
+    """A RadEval metric by name through medfm.eval.clinical's per_report_scores (imported only when such a term is asked for);
+    metrics where lower is better (RadCliQ) are negated, so that higher is better for every term."""
     try:
         clinical_metrics = importlib.import_module("medfm.eval.clinical")
     except ImportError as err:
-        raise ImportError(f"reward term {metric!r} uses RadEval: pip install 'medfm[clinical]' (radeval); its weights "
-                          f"(e.g. StanfordAIMI/RRG_scorers) download from the Hub on first use. ({err})") from err
-    scorer = getattr(clinical_metrics, "per_report_scorer", None)
-    if scorer is None:
-        raise ImportError(f"reward term {metric!r}: medfm.eval.clinical has no per_report_scorer(name); update medfm")
-    per_report = scorer(metric)
+        raise ImportError(f"reward term {metric!r} uses RadEval through medfm.eval.clinical: pip install 'medfm[clinical]' (radeval); "
+                          f"its weights (e.g. StanfordAIMI/RRG_scorers) download from the Hub on first use ({err})") from err
+    sign = 1.0 if clinical_metrics.METRICS[metric].higher_is_better else -1.0
 
     def score(completions: list[str], references: list[str], images=None) -> list[float]:
-        return [float(v) for v in per_report(references, completions)]
+        return [sign * value for value in clinical_metrics.per_report_scores(metric, completions, references)]
 
     return score
 

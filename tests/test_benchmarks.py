@@ -35,3 +35,14 @@ def test_report_throughput_arms_train_alike(tmp_path):
     reference_loss, medfm_loss = map(float, rows["loss at the last step"])
     assert reference_loss == pytest.approx(medfm_loss, abs=2e-4)  # same training: only where the logits are computed differs
     assert all(float(value) > 0 for value in rows["samples/s"])
+
+
+@pytest.mark.slow
+def test_alignment_benchmark_trains_and_evaluates_its_arms(tmp_path):
+    results = tmp_path / "RESULTS-alignment.md"
+    subprocess.run([sys.executable, "benchmarks/alignment.py", "--smoke", "--arms", "sft", "grpo", "--seeds", "0", "--runs", str(tmp_path / "runs"),
+                    "--results", str(results)], cwd=REPO, check=True, capture_output=True)
+    text = results.read_text()
+    assert "Reproduce: `python benchmarks/alignment.py --smoke" in text and "GRPO targets:" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| sft | 0 |", "| grpo | 0 |"))]
+    assert len(rows) == 2 and (tmp_path / "runs" / "grpo-seed0" / "adapter_model.safetensors").is_file()

@@ -70,8 +70,9 @@ def pairs_file(tmp_path: Path) -> Path:
     """Hand-written pairs in TRL's format: the phantom's own impression is chosen, another phantom's rejected; one bad row."""
     folder = builtin_phantom_dir(16)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    pairs = [{"images": [str(folder / row["file_name"])], "prompt": INSTRUCTION, "chosen": row["impression"],
-              "rejected": rows[(i + 5) % len(rows)]["impression"]} for i, row in enumerate(rows) if row["impression"] != rows[(i + 5) % len(rows)]["impression"]]
+    others = [rows[(i + 5) % len(rows)]["impression"] for i in range(len(rows))]
+    pairs = [{"images": [str(folder / row["file_name"])], "prompt": INSTRUCTION, "chosen": row["impression"], "rejected": other}
+             for row, other in zip(rows, others) if row["impression"] != other]
     pairs.append({"images": ["missing.png"], "prompt": INSTRUCTION, "chosen": "Enlarged heart.", "rejected": "No acute process."})
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))

@@ -1,6 +1,6 @@
 """Rebuild the small adapters shipped in adapters/ (listed in adapters/index.yaml) from the built-in bases and phantoms.
 
-    python adapters/build.py                         # both adapters (about 4 + 16 minutes on 2 CPU cores)
+    python adapters/build.py                         # all adapters (about 4 + 16 minutes on 2 CPU cores, plus the GRPO one)
     python adapters/build.py phantom-report          # one of them
     python adapters/build.py --max_train_steps 100   # flags after the names go to the recipe: a quicker, weaker build
 
@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = {"phantom-text-to-image": "recipes/configs/demo-text-to-image.yaml", "phantom-report": "recipes/configs/demo-report.yaml"}
+RECIPES = {"phantom-text-to-image": "recipes/configs/demo-text-to-image.yaml", "phantom-report": "recipes/configs/demo-report.yaml",
+           "phantom-report-grpo": "recipes/configs/demo-report-grpo.yaml"}  # GRPO from phantom-report: built after it
 
 
 def train(name: str, recipe_flags: list[str]) -> Path:

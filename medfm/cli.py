@@ -123,6 +123,19 @@ def _record(args, kind: str, metrics: dict, data: str) -> None:
         print(f"Recorded in {record_evaluation(args.adapter, kind, metrics, data)} and {args.adapter}/README.md")
 
 
+def _pairs(args) -> None:
+    import json
+
+    from .sample_pairs import make_preference_pairs
+
+    counts = make_preference_pairs(args.adapter, args.output, num_samples=args.num_samples, reward=args.reward, margin=args.margin,
+                                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                   batch_size=args.batch_size, max_studies=args.max_studies, train_data_dir=args.train_data_dir,
+                                   train_data_file=args.train_data_file, image_root=args.image_root, phantom_num_images=args.phantom_num_images)
+    print(json.dumps(counts))
+    print(f"Wrote {counts['pairs']} preference pairs to {args.output} (train on them: --method dpo --train_data_file {args.output})")
+
+
 def _push(args) -> None:
     from .hub import push_adapter
 
@@ -336,6 +349,27 @@ def build_parser() -> argparse.ArgumentParser:
     utility.add_argument("--seed", type=int, default=0)
     utility.add_argument("--adapter", help="Adapter folder that generated the images: the result goes into its eval_results.json and model card.")
     utility.set_defaults(run=_eval_utility)
+
+    from .config import _KeyValues
+
+    pairs = commands.add_parser("pairs", help="Preference pairs for --method dpo: sample reports with an adapter, score them, keep best vs worst.")
+    pairs.add_argument("--adapter", required=True, help="Report adapter (folder or Hub id) that samples the reports.")
+    pairs.add_argument("--output", required=True, help="JSONL to write (TRL's format: images, prompt, chosen, rejected).")
+    pairs.add_argument("--train_data_dir", help="Studies with reference reports, as for training (default: the built-in phantoms).")
+    pairs.add_argument("--train_data_file")
+    pairs.add_argument("--image_root")
+    pairs.add_argument("--phantom_num_images", type=int, default=256, help="Built-in phantoms used when no data is given.")
+    pairs.add_argument("--max_studies", type=int, help="Use only the first N studies.")
+    pairs.add_argument("--num_samples", type=int, default=4, help="Reports sampled per study.")
+    pairs.add_argument("--reward", nargs="+", action=_KeyValues, metavar="NAME=WEIGHT",
+                       help="Reward terms (medfm.rewards; default: clinical=1 length=0.2 rougel=0.3).")
+    pairs.add_argument("--margin", type=float, default=0.1, help="Keep a study's best vs worst only if their rewards differ by at least this.")
+    pairs.add_argument("--temperature", type=float, default=1.0)
+    pairs.add_argument("--top_p", type=float, default=1.0)
+    pairs.add_argument("--max_new_tokens", type=int, default=128)
+    pairs.add_argument("--batch_size", type=int, default=8, help="Studies sampled together.")
+    pairs.add_argument("--seed", type=int, default=0, help="Fixes sampling.")
+    pairs.set_defaults(run=_pairs)
 
     push = commands.add_parser("push", help="Upload an adapter folder to a Hub model repo (token from HF_TOKEN or `hf auth login`).")
     push.add_argument("adapter_dir")

@@ -40,6 +40,16 @@ BUILTIN_BASE_RECIPES = {
 }
 
 
+# Keys only some report methods read, and their defaults there (None elsewhere, so a resolved config shows what mattered).
+METHOD_KEYS = {"reward": ("grpo",), "num_generations": ("grpo",), "temperature": ("grpo",), "top_p": ("grpo",), "max_new_tokens": ("grpo",),
+               "epsilon": ("grpo",), "beta": ("grpo", "dpo")}
+METHOD_DEFAULTS = {
+    "grpo": {"reward": {"clinical": 1.0, "length": 0.2, "rougel": 0.3}, "num_generations": 8, "temperature": 1.0, "top_p": 1.0,
+             "max_new_tokens": 128, "epsilon": 0.2, "beta": 0.04},
+    "dpo": {"beta": 0.1},
+}
+
+
 def _opt(default, help: str, choices=None):
     """A config field with its help text (shown by --help) and, optionally, the accepted values."""
     if isinstance(default, list):
@@ -161,6 +171,23 @@ class TrainConfig:
     guidance_scale: float = _opt(3.5, "text-to-image, Flux.1-dev only: the distilled guidance value fed to the transformer while training.")
     quantize_base: str | None = _opt(None, "text-to-image: QLoRA, the frozen denoiser and large text encoders quantised with bitsandbytes "
                                            "(CUDA only).", ["nf4", "int8"])
+    # Methods beyond SFT (report)
+    method: str = _opt("sft", "report: how to train: sft (next-token loss on the reference reports), grpo (reports sampled per study, scored by "
+                              "--reward), dpo (preference pairs from --train_data_file, TRL's JSONL format; `medfm pairs` makes them).",
+                       ["sft", "grpo", "dpo"])
+    init_adapter: str | None = _opt(None, "report: start from this adapter (folder or Hub id): its LoRA (and fully trained modules) is loaded and "
+                                          "trained further, and is the reference of grpo/dpo; the LoRA keys (rank, target_modules, ...) are "
+                                          "then the adapter's.")
+    reward: dict[str, float] | None = _opt(None, "grpo only: reward terms and weights, e.g. clinical=1.0 length=0.2 rougel=0.3 (YAML: a mapping); "
+                                                 "terms: clinical, length, bleu4, rougel, bertscore@/local/model, radgraph/chexbert/green "
+                                                 "(RadEval), package.module:function (see medfm.rewards). Default: clinical=1 length=0.2 rougel=0.3.")
+    num_generations: int | None = _opt(None, "grpo only: reports sampled per study, the group its advantages are normalised in (default 8).")
+    temperature: float | None = _opt(None, "grpo only: sampling temperature (default 1.0).")
+    top_p: float | None = _opt(None, "grpo only: nucleus sampling top-p (default 1.0).")
+    max_new_tokens: int | None = _opt(None, "grpo only: longest sampled report in tokens (default 128).")
+    epsilon: float | None = _opt(None, "grpo only: the clipped ratio's range, 1 +/- epsilon (default 0.2, TRL's).")
+    beta: float | None = _opt(None, "grpo and dpo only: weight of the KL to the starting policy (grpo, default 0.04) or DPO's temperature "
+                                    "(dpo, default 0.1).")
 
     def __post_init__(self):
         for key, default in TASK_DEFAULTS.get(self.task, {}).items():
@@ -177,8 +204,22 @@ class TrainConfig:
             problems.append("give only one of train_data_dir, train_data_file, dataset_name")
         if self.cache_text_embeddings and self.train_text_encoder:
             problems.append("cache_text_embeddings cannot be used with train_text_encoder (the text encoder changes every step); drop one")
+        problems += self._method_problems()
         if problems:
             raise ConfigError("Invalid config: " + "; ".join(problems))
+        for key, default in METHOD_DEFAULTS.get(self.method, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, dict(default) if isinstance(default, dict) else default)
+
+    def _method_problems(self) -> list[str]:
+        """Keys only some methods read, given to another (checked before the method's defaults fill them in)."""
+        problems = []
+        if self.task != "report" and (self.method != "sft" or self.init_adapter):
+            problems.append(f"method {self.method!r} and init_adapter are for task 'report'; drop them or pass --task report")
+        for key, methods in METHOD_KEYS.items():
+            if getattr(self, key) is not None and self.method not in methods:
+                problems.append(f"{key} is read only by --method {' or '.join(methods)} (this run: {self.method}); drop it or change the method")
+        return problems
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -197,6 +238,9 @@ def _accepts(annotation, value) -> bool:
     if origin is list:
         (item,) = typing.get_args(annotation)
         return isinstance(value, list) and all(_accepts(item, v) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(annotation)
+        return isinstance(value, dict) and all(_accepts(key, k) and _accepts(item, v) for k, v in value.items())
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:
@@ -244,6 +288,19 @@ def _str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+class _KeyValues(argparse.Action):
+    """`--reward clinical=1.0 length=0.2` -> {"clinical": 1.0, "length": 0.2}."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pairs = [value.rpartition("=") for value in values]
+        try:
+            setattr(namespace, self.dest, {name: float(number) for name, _, number in pairs if name})
+        except ValueError as err:
+            raise argparse.ArgumentError(self, f"expected NAME=NUMBER pairs, got {' '.join(values)}") from err
+        if any(not name for name, _, _ in pairs):
+            raise argparse.ArgumentError(self, f"expected NAME=NUMBER pairs, got {' '.join(values)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """A flag per config key; flags left out keep the YAML or default value."""
     parser = argparse.ArgumentParser(description="LoRA-adapt a foundation model on radiology image–report pairs.", argument_default=argparse.SUPPRESS)
@@ -257,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = next(a for a in typing.get_args(annotation) if a is not type(None)) if is_optional else annotation
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(kind) is dict:
+            parser.add_argument(f"--{f.name}", nargs="+", action=_KeyValues, metavar="NAME=VALUE", **kwargs)
         elif typing.get_origin(kind) is list:
             parser.add_argument(f"--{f.name}", nargs="+", type=typing.get_args(kind)[0], **kwargs)
         else:

@@ -10,7 +10,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from .config import TrainConfig
+from .config import METHOD_KEYS, TrainConfig
 from .interop import adapter_kind
 
 EVAL_RESULTS_NAME = "eval_results.json"
@@ -113,6 +113,8 @@ Or with medfm (PNG, JPEG or DICOM): `medfm report --adapter {adapter} --image ch
 
 ## Training
 
+{method}
+
 | setting | value |
 |---|---|
 {hyperparameters}
@@ -131,6 +133,27 @@ sentence boundary to fit `max_length`; image tokens are never cut). The loss cov
 REPORT_CARD_HYPERPARAMETERS = ("rank", "lora_alpha", "target_modules", "lora_on_vision_tower", "train_projector", "load_in_4bit",
                                "instruction", "max_length", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                                "learning_rate", "lr_scheduler", "use_8bit_adam", "mixed_precision", "seed")
+
+
+def _method_section(config: TrainConfig) -> str:
+    """How the adapter was trained: the method, its reward and the adapter it started from."""
+    reference = config.method != "sft"
+    if config.init_adapter:
+        start = f"Started from the adapter `{config.init_adapter}`: its LoRA was trained further" + ("; it is also the reference policy." if reference else ".")
+    else:
+        start = "Started from the base model" + (" (the reference policy: the base with the adapter disabled)." if reference else ".")
+    if config.method == "grpo":
+        reward = " + ".join(f"{weight:g} x `{name}`" for name, weight in config.reward.items())
+        text = (f"Method: **GRPO** (group relative policy optimization): {config.num_generations} reports sampled per study (temperature "
+                f"{config.temperature}, top-p {config.top_p}, at most {config.max_new_tokens} tokens), scored with the reward {reward} "
+                f"(`medfm.rewards`), advantages normalised within each study's group, clipped ratio (epsilon {config.epsilon}), KL to the "
+                f"starting policy weighted {config.beta}.")
+    elif config.method == "dpo":
+        text = (f"Method: **DPO** (direct preference optimization, sigmoid loss, beta {config.beta}) on preference pairs from "
+                f"`{config.train_data_file}` (TRL's format).")
+    else:
+        text = "Method: **SFT** (supervised fine-tuning): next-token loss on the reference reports."
+    return f"{text} {start}"
 
 
 def _hyperparameter_rows(config: TrainConfig, keys) -> str:
@@ -242,12 +265,15 @@ def write_report_card(directory: str | Path, config: TrainConfig, family: str, n
         validation = ("## Validation (end of training, greedy decoding)\n\n| metric | value |\n|---|---|\n"
                       + "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) + "\n\n")
     content = REPORT_CARD_TEMPLATE.format(
-        card_data=_card_data(config, base, "peft", "image-text-to-text", REPORT_TAGS, results).to_yaml(),
+        card_data=_card_data(config, base, "peft", "image-text-to-text", REPORT_TAGS + ([config.method] if config.method != "sft" else []),
+                             results).to_yaml(),
         title=f"{Path(config.output_dir).name}: radiology report LoRA", base=base,
         base_link=_base_link(base), **_base_in_code(base, "medfm.models.vlm.resolve_vlm"), family=family, section=config.report_section,
         data=_data_description(config), adapter=_adapter_reference(config), inputs_code=inputs_code, validation=validation,
         evaluation=_evaluation_section(results), data_section=_data_section(config),
-        hyperparameters=_hyperparameter_rows(config, REPORT_CARD_HYPERPARAMETERS), num_studies=num_studies, num_bad=num_bad,
+        method=_method_section(config), num_studies=num_studies, num_bad=num_bad,
+        hyperparameters=_hyperparameter_rows(config, REPORT_CARD_HYPERPARAMETERS + tuple(k for k, methods in METHOD_KEYS.items()
+                                                                                           if config.method in methods)),
         num_truncated=num_truncated,
     )
     card = ModelCard(content)

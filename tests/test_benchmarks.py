@@ -51,3 +51,14 @@ def test_sana_throughput_runs_medfm_against_the_diffusers_script(tmp_path):
         assert run["steps"] == 3 and run["steps_per_s"] > 0 and run["whole_run_s"] > run["time_to_first_step_s"] > 0
         assert len(run["losses"]) == 3 and all(math.isfinite(loss) for loss in run["losses"])
     assert "| steps/s vs diffusers | **1.00x** |" in results.read_text()
+
+
+@pytest.mark.slow
+def test_alignment_benchmark_trains_and_evaluates_its_arms(tmp_path):
+    results = tmp_path / "RESULTS-alignment.md"
+    subprocess.run([sys.executable, "benchmarks/alignment.py", "--smoke", "--arms", "sft", "grpo", "--seeds", "0", "--runs", str(tmp_path / "runs"),
+                    "--results", str(results)], cwd=REPO, check=True, capture_output=True)
+    text = results.read_text()
+    assert "Reproduce: `python benchmarks/alignment.py --smoke" in text and "GRPO targets:" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| sft | 0 |", "| grpo | 0 |"))]
+    assert len(rows) == 2 and (tmp_path / "runs" / "grpo-seed0" / "adapter_model.safetensors").is_file()

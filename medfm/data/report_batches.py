@@ -48,6 +48,27 @@ def report_token_loss(model, batch: dict) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the labelled tokens and their mask, both (batch, T): logits from the first labelled position on only
+    (as report_token_loss), log-softmax and gather in TRL's memory-saving selective_log_softmax."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    first = max(int((labels != IGNORE_INDEX).int().argmax(dim=1).min()), 1)
+    logits = model(**inputs, logits_to_keep=labels.shape[1] - first + 1).logits[:, :-1]
+    targets = labels[:, first:].to(logits.device)
+    mask = targets != IGNORE_INDEX
+    return trl_utils().selective_log_softmax(logits.float(), targets.clamp(min=0)), mask
+
+
+def trl_utils():
+    """trl.trainer.utils, or an error that says how to install it."""
+    try:
+        from trl.trainer import utils
+    except ImportError as err:
+        raise ImportError(f"--method grpo and dpo use TRL: pip install 'medfm[align]' (trl>=1.16) ({err})") from err
+    return utils
+
+
 def end_token_id(model) -> int:
     """The token generation stops at (the end of the assistant's turn for chat models)."""
     eos = model.generation_config.eos_token_id
@@ -55,7 +76,8 @@ def end_token_id(model) -> int:
 
 
 class ReportCollator:
-    """Batches of studies -> model inputs with `labels` = -100 everywhere but the report and its end token."""
+    """Batches of studies -> model inputs with `labels` = -100 everywhere but the report and its end token (an example's
+    own `instruction`, e.g. a preference pair's prompt, replaces the configured one)."""
 
     def __init__(self, processor, family: VLMFamily, instruction: str, max_length: int, eos_token_id: int):
         self.processor, self.family, self.instruction = processor, family, instruction
@@ -74,8 +96,8 @@ class ReportCollator:
         batch = {"bad_rows": bad_rows, "num_examples": len(good)}
         if not good:
             return batch
-        encoded = encode_prompts(self.processor, self.family, [full_instruction(self.instruction, e["indication"]) for e in good],
-                                 [e["images"] for e in good])
+        encoded = encode_prompts(self.processor, self.family, [e.get("instruction") or full_instruction(self.instruction, e["indication"])
+                                                               for e in good], [e["images"] for e in good])
         sequence_keys = [k for k, v in encoded.items() if torch.is_tensor(v) and v.shape[:2] == encoded["input_ids"].shape]
         rows, truncated = [], []
         for i, example in enumerate(good):
@@ -102,3 +124,17 @@ class ReportCollator:
         batch.update({k: v for k, v in encoded.items() if k not in sequence_keys})
         batch["truncated_rows"] = truncated
         return batch
+
+
+class PromptCollator:
+    """Batches of studies -> what sampling needs: the studies' images, instructions, references and row ids (prompts are
+    encoded later, once per sampled report)."""
+
+    def __init__(self, instruction: str):
+        self.instruction = instruction
+
+    def __call__(self, examples: list[dict]) -> dict:
+        good = [e for e in examples if "bad_row" not in e]
+        return {"bad_rows": [e["bad_row"] for e in examples if "bad_row" in e], "num_examples": len(good),
+                "images": [e["images"] for e in good], "instructions": [full_instruction(self.instruction, e["indication"]) for e in good],
+                "references": [e["report"] for e in good], "row_ids": [e["row_id"] for e in good]}

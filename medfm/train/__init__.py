@@ -11,6 +11,14 @@ def recipe_for(config: TrainConfig):
         from .text_to_image import TextToImageLoRARecipe
 
         return TextToImageLoRARecipe(config)
+    if config.task == "report" and config.method == "grpo":
+        from .grpo import GRPOReportRecipe
+
+        return GRPOReportRecipe(config)
+    if config.task == "report" and config.method == "dpo":
+        from .dpo import DPOReportRecipe
+
+        return DPOReportRecipe(config)
     if config.task == "report":
         from .report import ReportLoRARecipe
 

@@ -192,8 +192,9 @@ class LoRARecipe:
                 progress.global_step += 1
                 bar.update(1)
                 step_loss = accelerator.gather(loss.detach()).mean().item()
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-                accelerator.log({"train_loss": step_loss, "lr": self.lr_scheduler.get_last_lr()[0]}, step=progress.global_step)
+                step_logs = self.step_logs()
+                bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{v:.3f}" for k, v in step_logs.items() if k in self.progress_bar_keys})
+                accelerator.log({"train_loss": step_loss, "lr": self.lr_scheduler.get_last_lr()[0], **step_logs}, step=progress.global_step)
                 if progress.global_step % cfg.checkpointing_steps == 0:
                     self.save_checkpoint()
                 if cfg.validation_steps and progress.global_step % cfg.validation_steps == 0:
@@ -210,6 +211,12 @@ class LoRARecipe:
 
     def training_step(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    progress_bar_keys: tuple[str, ...] = ()  # step_logs shown next to the loss
+
+    def step_logs(self) -> dict[str, float]:
+        """A method's own per-step numbers (rewards, KL, ...), averaged over processes; called on every process once per step."""
+        return {}
 
     def sample_generators(self, indices: torch.Tensor) -> list[torch.Generator]:
         """One generator per example, seeded by (seed, step, example index): every random draw of training (noise,

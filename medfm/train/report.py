@@ -10,22 +10,24 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
+from transformers import AutoProcessor
 
 from ..config import TrainConfig
-from ..data.report_batches import ReportCollator, end_token_id, full_instruction, report_token_loss
+from ..data.report_batches import ReportCollator, end_token_id, full_instruction, report_token_loss, trl_utils
 from ..data.studies import ReportStudyDataset, load_studies
 from ..eval.report_metrics import quick_report_metrics
 from ..generate import generate_reports
-from ..hub import write_report_card
+from ..hub import resolve_adapter, write_report_card
 from ..models.vlm import load_vlm, resolve_vlm
 from .base import LoRARecipe
 
 logger = get_logger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+REFERENCE_ADAPTER = "reference"  # the frozen copy of --init_adapter that grpo and dpo compare the policy with
 
 
 class ReportLoRARecipe(LoRARecipe):
@@ -47,11 +49,35 @@ class ReportLoRARecipe(LoRARecipe):
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, lora_dropout=cfg.lora_dropout, target_modules=target,
                           modules_to_save=modules_to_save or None, task_type="CAUSAL_LM")
         set_seed(cfg.seed)  # LoRA initialisation, the same whether or not resolving a built-in base above built it (drawing)
-        self.model = get_peft_model(model, lora)
+        self.model = self._load_init_adapter(model) if cfg.init_adapter else get_peft_model(model, lora)
         cast_training_params(self.model, dtype=torch.float32)  # LoRA (and projector) weights train in fp32
         if not cfg.load_in_4bit:
             self.model.to(self.accelerator.device)
         self.eos_token_id = end_token_id(self.model)
+
+    def _load_init_adapter(self, model) -> PeftModel:
+        """The starting adapter's LoRA, trainable; methods with a reference (grpo, dpo) also load it a second time, frozen, as
+        the adapter REFERENCE_ADAPTER (only LoRA and fully trained modules are copied, never the base)."""
+        cfg = self.config
+        folder = resolve_adapter(cfg.init_adapter)
+        trained_on = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+        if trained_on.partition("@")[0] != cfg.pretrained_model_name_or_path.partition("@")[0]:
+            raise ValueError(f"--init_adapter {cfg.init_adapter} was trained on {trained_on!r}, but the base is {cfg.pretrained_model_name_or_path!r}: "
+                             f"pass --pretrained_model_name_or_path {trained_on}")
+        if (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file():
+            self.processor = AutoProcessor.from_pretrained(folder)  # as medfm report loads it
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        if self.uses_reference:
+            peft_model.load_adapter(str(folder), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        logger.info(f"Starting from the adapter {folder}" + (" (also the frozen reference)" if self.uses_reference else ""))
+        return peft_model
+
+    uses_reference = False  # methods that compare the policy with the starting one (grpo, dpo) set this
+
+    def reference_policy(self):
+        """Context in which the model is the starting policy: the init adapter's frozen copy, else the base (adapter disabled)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return trl_utils().use_adapter(model, REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else None)
 
     def _setup_data(self) -> None:
         cfg = self.config
@@ -77,9 +103,13 @@ class ReportLoRARecipe(LoRARecipe):
         logger.info(f"{len(self.dataset)} usable studies of {len(studies)} ({len(self.quarantine.rows)} skipped); "
                     f"{len(self.validation_set)} for validation; target: the {cfg.report_section} section")
         self.collator = ReportCollator(self.processor, self.family, cfg.instruction, cfg.max_length, self.eos_token_id)
-        self.train_dataloader = DataLoader(self.dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=self.collator,
+        self.train_dataloader = DataLoader(self.dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=self.train_collator(),
                                            num_workers=cfg.dataloader_num_workers, pin_memory=torch.cuda.is_available())
         self.truncated_rows: set[str] = set()  # studies whose report was cut to fit --max_length
+
+    def train_collator(self):
+        """What turns a list of studies into the batch this method's training_step reads."""
+        return self.collator
 
     def trainable_models(self) -> list[torch.nn.Module]:
         return [self.model]
@@ -88,7 +118,7 @@ class ReportLoRARecipe(LoRARecipe):
         (self.model,) = models
 
     def save_lora(self, models, directory) -> None:
-        models[0].save_pretrained(directory)
+        models[0].save_pretrained(directory, selected_adapters=["default"])  # not the frozen reference
 
     def load_lora(self, models, directory) -> None:
         set_peft_model_state_dict(models[0], load_file(Path(directory) / ADAPTER_WEIGHTS_NAME))
@@ -103,6 +133,23 @@ class ReportLoRARecipe(LoRARecipe):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.weight_dtype)
         return report_token_loss(self.model, inputs)
 
+    def record_step_values(self, values: dict[str, float]) -> None:
+        """A method's numbers for one batch (several per step with gradient accumulation), logged by step_logs."""
+        self._step_values = [*getattr(self, "_step_values", []), values]
+
+    def step_logs(self) -> dict[str, float]:
+        """The recorded numbers averaged over the step's batches and the processes; also appended to OUTPUT_DIR/train_log.jsonl."""
+        values, self._step_values = getattr(self, "_step_values", []), []
+        if not values:
+            return {}
+        names = list(values[0])
+        local = torch.tensor([[v[name] for name in names] for v in values], device=self.accelerator.device).mean(dim=0)
+        logs = dict(zip(names, self.accelerator.reduce(local, reduction="mean").tolist()))
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "train_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.progress.global_step, **logs}) + "\n")
+        return logs
+
     # ------------------------------------------------------------------------------------------------ outputs
     def _run_validation(self) -> dict | None:
         """Greedy reports for the fixed validation studies; logs BLEU-4, ROUGE-L and a few examples."""
@@ -114,7 +161,7 @@ class ReportLoRARecipe(LoRARecipe):
         model.eval()
         with self.accelerator.autocast():
             predictions = generate_reports(model, self.processor, self.family, [e["images"] for e in examples],
-                                           [full_instruction(self.config.instruction, e["indication"]) for e in examples],
+                                           [e.get("instruction") or full_instruction(self.config.instruction, e["indication"]) for e in examples],
                                            batch_size=self.config.train_batch_size, max_new_tokens=self.config.validation_max_new_tokens,
                                            show_progress=False, do_sample=False)
         model.train()
@@ -135,7 +182,7 @@ class ReportLoRARecipe(LoRARecipe):
         """PEFT adapter (adapter_model.safetensors + adapter_config.json naming the base) and the processor."""
         model = self.accelerator.unwrap_model(self.model)
         model.peft_config["default"].base_model_name_or_path = self.recorded_base
-        model.save_pretrained(self.output_dir)
+        model.save_pretrained(self.output_dir, selected_adapters=["default"])
         self.processor.save_pretrained(self.output_dir)
         logger.info(f"{len(self.truncated_rows)} reports were cut to fit --max_length")
 

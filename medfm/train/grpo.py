@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 
-from ..data.report_batches import IGNORE_INDEX, REPORT_TOKEN_FILL, PromptCollator, encode_prompts, token_logps
+from ..data.report_batches import IGNORE_INDEX, PromptCollator, encode_prompts, token_logps
 from ..rewards import Reward
 from .report import ReportLoRARecipe
 
@@ -125,7 +125,7 @@ class GRPOReportRecipe(ReportLoRARecipe):
             elif key == "attention_mask":
                 fill = mask
             else:
-                fill = torch.full_like(completion_ids, REPORT_TOKEN_FILL.get(key, 0))
+                fill = torch.full_like(completion_ids, self.family.report_token_type_id if key == "token_type_ids" else 0)
             inputs[key] = torch.cat([prompts[key], fill.to(prompts[key].dtype)], dim=1)
         labels = completion_ids.masked_fill(mask == 0, IGNORE_INDEX)
         inputs["labels"] = torch.cat([torch.full_like(prompts["input_ids"], IGNORE_INDEX), labels], dim=1)

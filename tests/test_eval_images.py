@@ -117,7 +117,7 @@ def test_clip_score_with_untrained_open_clip(phantoms):
     model, _, _ = open_clip.create_model_and_transforms("RN50", pretrained=None)
     scores = image_text_alignment(images[:2], prompts[:2], OpenClipImageFeatures(model, open_clip.get_tokenizer("RN50")))
     assert 0 <= scores["clip_score"] <= 100 and -1 <= scores["mean_cosine"] <= 1
-    assert scores["clip_score"] >= 100 * scores["mean_cosine"]
+    assert scores["clip_score"] >= 100 * scores["mean_cosine"] - 1e-4  # CLIPScore clips each cosine at 0 (float32 rounding aside)
 
 
 def test_evaluate_image_folders_writes_report(phantoms, tiny_clip_config, tmp_path):

@@ -243,7 +243,7 @@ def test_shuffled_batches_meet_their_own_cached_latents_and_captions(name, tiny_
                 pixels = recipe.dataset.item(index, input_ids=False)["pixel_values"][None]
                 own_latent = family.encode_images(recipe.vae, pixels)[0]["latent_mean"]
                 torch.testing.assert_close(batch["latent_mean"][row], own_latent, atol=1e-4, rtol=1e-4)
-                own_text = family.encode_prompts(recipe.pipe, [recipe.dataset.text(index)], None)
+                own_text = family.encode_prompts(recipe.pipe, [recipe.dataset.text(index)], recipe.config.max_sequence_length)
                 for key, value in own_text.items():
                     torch.testing.assert_close(batch[key][row], value[0].to(batch[key].dtype), atol=1e-4, rtol=1e-4, msg=key)
     assert sorted(order) == list(range(len(recipe.dataset))) and order != sorted(order)  # every example once, shuffled

@@ -161,6 +161,15 @@ class TrainConfig:
     guidance_scale: float = _opt(3.5, "text-to-image, Flux.1-dev only: the distilled guidance value fed to the transformer while training.")
     quantize_base: str | None = _opt(None, "text-to-image: QLoRA, the frozen denoiser and large text encoders quantised with bitsandbytes "
                                            "(CUDA only).", ["nf4", "int8"])
+    # Methods beyond SFT (the same keys as the report task's; text-to-image reads sft and dpo)
+    method: str = _opt("sft", "How to train. text-to-image: sft (the family's denoising loss on image-report pairs) or dpo (Diffusion-DPO, "
+                              "Wallace et al. 2023, on image preference pairs from --train_data_file: JSONL of prompt, chosen, rejected image "
+                              "paths, as `medfm study export` writes). report: sft, grpo or dpo.", ["sft", "grpo", "dpo"])
+    init_adapter: str | None = _opt(None, "text-to-image dpo: start from this medfm adapter folder (e.g. an SFT one): its LoRA is loaded and trained "
+                                          "further and is the DPO reference (without it the reference is the base, LoRA switched off); the LoRA "
+                                          "keys (rank, lora_alpha, target_modules, ...) are then the adapter's.")
+    beta_dpo: float | None = _opt(None, "text-to-image dpo only: Diffusion-DPO's beta, how far the LoRA may move from the reference (default 2500, "
+                                        "the paper's value for SD 1.5 with epsilon prediction; flow-matching bases may need another scale).")
 
     def __post_init__(self):
         for key, default in TASK_DEFAULTS.get(self.task, {}).items():
@@ -177,8 +186,27 @@ class TrainConfig:
             problems.append("give only one of train_data_dir, train_data_file, dataset_name")
         if self.cache_text_embeddings and self.train_text_encoder:
             problems.append("cache_text_embeddings cannot be used with train_text_encoder (the text encoder changes every step); drop one")
+        problems += self._preference_problems()
         if problems:
             raise ConfigError("Invalid config: " + "; ".join(problems))
+        if self.task == "text-to-image" and self.method == "dpo" and self.beta_dpo is None:
+            self.beta_dpo = 2500.0
+
+    def _preference_problems(self) -> list[str]:
+        """Keys only text-to-image DPO reads, given to another run."""
+        problems = []
+        if self.task == "text-to-image" and self.method == "grpo":
+            problems.append("method 'grpo' is for task 'report'; text-to-image trains with sft or dpo")
+        dpo = self.task == "text-to-image" and self.method == "dpo"
+        if self.task == "text-to-image" and self.init_adapter and not dpo:
+            problems.append("init_adapter is read by text-to-image only with --method dpo; drop it or pass --method dpo")
+        if self.beta_dpo is not None and not dpo:
+            problems.append(f"beta_dpo is read only by --task text-to-image --method dpo (this run: {self.task}, {self.method}); drop it")
+        if dpo and self.train_text_encoder:
+            problems.append("text-to-image dpo trains the denoiser's LoRA only; drop train_text_encoder (an init_adapter's text-encoder LoRA is kept)")
+        if dpo and not self.train_data_file:
+            problems.append("text-to-image dpo needs --train_data_file: a JSONL of prompt, chosen, rejected (`medfm study export` writes one)")
+        return problems
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -152,7 +152,7 @@ def preference_margin(recipe, pairs_dataset) -> float:
         for seed in range(8):
             latents = recipe.family.to_model_space(recipe.vae, torch.stack([e["latent_mean"] for e in recipe.family.encode_images(
                 recipe.vae, torch.cat([batch["pixel_values"], batch["rejected_pixel_values"]]))]))
-            noised = paired_noise(recipe.objective, *latents.chunk(2), [torch.Generator().manual_seed(seed * 100 + i) for i in batch["index"]])
+            noised = paired_noise(recipe.objective, *latents.chunk(2), [torch.Generator().manual_seed(seed * 100 + int(i)) for i in batch["index"]])
             conditioning = {k: torch.cat([v, v]) for k, v in recipe.family.encode_prompts(recipe.pipe, [PROMPT] * len(batch["index"]), None).items()}
             error = recipe.objective.per_example_loss(recipe.family.predict(recipe.pipe, denoiser, noised.latents, noised.timesteps, conditioning,
                                                                             recipe.config), noised)

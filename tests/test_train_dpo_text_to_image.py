@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -166,14 +166,14 @@ def preference_margin(recipe, pairs_dataset) -> float:
 def test_dpo_moves_the_model_toward_the_chosen_image(tmp_path, swap):
     pairs = write_pairs(tmp_path / "data", num_pairs=1, swap=swap)
     config = TrainConfig(method="dpo", train_data_file=str(pairs), output_dir=str(tmp_path / "out"), resolution=64, train_batch_size=1,
-                         max_train_steps=40, learning_rate=1e-3, beta_dpo=500.0, use_8bit_adam=False, report_to="none",
+                         max_train_steps=20, learning_rate=2e-3, beta_dpo=500.0, use_8bit_adam=False, report_to="none",
                          validation_prompt=[], checkpointing_steps=1000)
     recipe = recipe_for(config)
     recipe.setup()
     before = preference_margin(recipe, recipe.dataset)
     recipe.train()
     after = preference_margin(recipe, recipe.dataset)
-    assert after - before > 0.01 * abs(before) + 1e-4, (before, after)
+    assert after - before > 0.2 * abs(before), (before, after)  # measured: 0.13 -> 0.19 (swapped: -0.13 -> -0.05)
 
 
 @pytest.mark.slow
@@ -188,3 +188,13 @@ def test_flow_family_trains_and_loads(tmp_path):
     assert weights and all(k.startswith("transformer.") for k in weights)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # the zero-initialised half moved
     assert "rectified flow" in (out / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        return np.asarray(pipe(PROMPT, num_inference_steps=2, height=64, width=64, max_sequence_length=16, generator=torch.Generator().manual_seed(0),
+                               output_type="np").images[0])
+
+    before = render()
+    pipe.load_lora_weights(str(out))  # plain diffusers
+    assert np.abs(render() - before).mean() > 0

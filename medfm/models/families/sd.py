@@ -26,6 +26,9 @@ class StableDiffusion(DiffusionFamily):
         """Without the safety checker: it blanks radiographs as 'NSFW'."""
         return super().load_pipeline(path, revision, variant, safety_checker=None, requires_safety_checker=False, **components)
 
+    def prompt_token_limit(self, pipe, max_sequence_length):
+        return super().prompt_token_limit(pipe, None)  # CLIP's fixed length; --max_sequence_length is for T5/Gemma encoders
+
     def encode_prompts(self, pipe, texts, max_sequence_length=None):
         tokenizer = pipe.tokenizer
         ids = tokenizer(texts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids

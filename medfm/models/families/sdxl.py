@@ -22,6 +22,9 @@ class StableDiffusionXL(DiffusionFamily):
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     recipe = "recipes/configs/sdxl-mimic-cxr.yaml"
 
+    def prompt_token_limit(self, pipe, max_sequence_length):
+        return super().prompt_token_limit(pipe, None)  # CLIP's fixed length; --max_sequence_length is for T5/Gemma encoders
+
     def encode_prompts(self, pipe, texts, max_sequence_length=None):
         embeds, _, pooled, _ = pipe.encode_prompt(texts, device=pipe.text_encoder_2.device, do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}

@@ -48,6 +48,7 @@ METHOD_DEFAULTS = {
              "max_new_tokens": 128, "epsilon": 0.2, "beta": 0.04},
     "dpo": {"beta": 0.1},
 }
+TEXT_TO_IMAGE_METHOD_DEFAULTS = {"dpo": {"beta_dpo": 2500.0}}
 
 
 def _opt(default, help: str, choices=None):
@@ -171,23 +172,28 @@ class TrainConfig:
     guidance_scale: float = _opt(3.5, "text-to-image, Flux.1-dev only: the distilled guidance value fed to the transformer while training.")
     quantize_base: str | None = _opt(None, "text-to-image: QLoRA, the frozen denoiser and large text encoders quantised with bitsandbytes "
                                            "(CUDA only).", ["nf4", "int8"])
-    # Methods beyond SFT (report)
-    method: str = _opt("sft", "report: how to train: sft (next-token loss on the reference reports), grpo (reports sampled per study, scored by "
-                              "--reward), dpo (preference pairs from --train_data_file, TRL's JSONL format; `medfm pairs` makes them).",
+    # Methods beyond SFT: report (sft, grpo, dpo) and text-to-image (sft, dpo)
+    method: str = _opt("sft", "How to train. report: sft (next-token loss on the reference reports), grpo (reports sampled per study, scored by "
+                              "--reward), dpo (preference pairs from --train_data_file, TRL's JSONL format; `medfm pairs` makes them). "
+                              "text-to-image: sft (the family's denoising loss) or dpo (Diffusion-DPO, Wallace et al. 2023, on image preference "
+                              "pairs from --train_data_file: JSONL of prompt, chosen, rejected image paths, as `medfm study export` writes).",
                        ["sft", "grpo", "dpo"])
-    init_adapter: str | None = _opt(None, "report: start from this adapter (folder or Hub id): its LoRA (and fully trained modules) is loaded and "
-                                          "trained further, and is the reference of grpo/dpo; the LoRA keys (rank, target_modules, ...) are "
-                                          "then the adapter's.")
-    reward: dict[str, float] | None = _opt(None, "grpo only: reward terms and weights, e.g. clinical=1.0 length=0.2 rougel=0.3 (YAML: a mapping); "
+    init_adapter: str | None = _opt(None, "grpo/dpo: start from this adapter (folder or Hub id; e.g. an SFT one): its LoRA (and fully trained "
+                                          "modules) is loaded and trained further and is the reference policy (without it the reference is the "
+                                          "base, LoRA switched off); the LoRA keys (rank, target_modules, ...) are then the adapter's. "
+                                          "text-to-image reads it only with --method dpo.")
+    reward: dict[str, float] | None = _opt(None, "report grpo only: reward terms and weights, e.g. clinical=1.0 length=0.2 rougel=0.3 (YAML: a mapping); "
                                                  "terms: clinical, length, bleu4, rougel, bertscore@/local/model, radgraph/chexbert/green "
                                                  "(RadEval), package.module:function (see medfm.rewards). Default: clinical=1 length=0.2 rougel=0.3.")
-    num_generations: int | None = _opt(None, "grpo only: reports sampled per study, the group its advantages are normalised in (default 8).")
-    temperature: float | None = _opt(None, "grpo only: sampling temperature (default 1.0).")
-    top_p: float | None = _opt(None, "grpo only: nucleus sampling top-p (default 1.0).")
-    max_new_tokens: int | None = _opt(None, "grpo only: longest sampled report in tokens (default 128).")
-    epsilon: float | None = _opt(None, "grpo only: the clipped ratio's range, 1 +/- epsilon (default 0.2, TRL's).")
-    beta: float | None = _opt(None, "grpo and dpo only: weight of the KL to the starting policy (grpo, default 0.04) or DPO's temperature "
+    num_generations: int | None = _opt(None, "report grpo only: reports sampled per study, the group its advantages are normalised in (default 8).")
+    temperature: float | None = _opt(None, "report grpo only: sampling temperature (default 1.0).")
+    top_p: float | None = _opt(None, "report grpo only: nucleus sampling top-p (default 1.0).")
+    max_new_tokens: int | None = _opt(None, "report grpo only: longest sampled report in tokens (default 128).")
+    epsilon: float | None = _opt(None, "report grpo only: the clipped ratio's range, 1 +/- epsilon (default 0.2, TRL's).")
+    beta: float | None = _opt(None, "report grpo and dpo only: weight of the KL to the starting policy (grpo, default 0.04) or DPO's temperature "
                                     "(dpo, default 0.1).")
+    beta_dpo: float | None = _opt(None, "text-to-image dpo only: Diffusion-DPO's beta, how far the LoRA may move from the reference (default 2500, "
+                                        "the paper's value for SD 1.5 with epsilon prediction; flow-matching bases may need another scale).")
 
     def __post_init__(self):
         for key, default in TASK_DEFAULTS.get(self.task, {}).items():
@@ -207,18 +213,30 @@ class TrainConfig:
         problems += self._method_problems()
         if problems:
             raise ConfigError("Invalid config: " + "; ".join(problems))
-        for key, default in METHOD_DEFAULTS.get(self.method, {}).items():
+        defaults = METHOD_DEFAULTS.get(self.method, {}) if self.task == "report" else TEXT_TO_IMAGE_METHOD_DEFAULTS.get(self.method, {})
+        for key, default in defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, dict(default) if isinstance(default, dict) else default)
 
     def _method_problems(self) -> list[str]:
-        """Keys only some methods read, given to another (checked before the method's defaults fill them in)."""
+        """Keys only some tasks and methods read, given to another (checked before the method's defaults fill them in)."""
         problems = []
-        if self.task != "report" and (self.method != "sft" or self.init_adapter):
-            problems.append(f"method {self.method!r} and init_adapter are for task 'report'; drop them or pass --task report")
+        dpo = self.task == "text-to-image" and self.method == "dpo"
+        if self.task == "text-to-image":
+            if self.method == "grpo":
+                problems.append("method 'grpo' is for task 'report'; text-to-image trains with sft or dpo")
+            if self.init_adapter and not dpo:
+                problems.append("init_adapter is read by text-to-image only with --method dpo; drop it or pass --method dpo")
+            if dpo and self.train_text_encoder:
+                problems.append("text-to-image dpo trains the denoiser's LoRA only; drop train_text_encoder (an init_adapter's text-encoder LoRA is kept)")
+            if dpo and not self.train_data_file:
+                problems.append("text-to-image dpo needs --train_data_file: a JSONL of prompt, chosen, rejected (`medfm study export` writes one)")
+        if self.beta_dpo is not None and not dpo:
+            problems.append(f"beta_dpo is read only by --task text-to-image --method dpo (this run: {self.task}, {self.method}); drop it")
         for key, methods in METHOD_KEYS.items():
-            if getattr(self, key) is not None and self.method not in methods:
-                problems.append(f"{key} is read only by --method {' or '.join(methods)} (this run: {self.method}); drop it or change the method")
+            if getattr(self, key) is not None and (self.task != "report" or self.method not in methods):
+                problems.append(f"{key} is read only by --task report --method {' or '.join(methods)} (this run: {self.task}, {self.method}); "
+                                "drop it or change the method")
         return problems
 
     def to_dict(self) -> dict:

@@ -7,6 +7,10 @@ from ..config import TrainConfig
 
 def recipe_for(config: TrainConfig):
     """The recipe class that trains `config.task`."""
+    if config.task == "text-to-image" and config.method == "dpo":
+        from .text_to_image_dpo import TextToImageDPORecipe
+
+        return TextToImageDPORecipe(config)
     if config.task == "text-to-image":
         from .text_to_image import TextToImageLoRARecipe
 

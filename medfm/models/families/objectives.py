@@ -59,10 +59,16 @@ class DDPMObjective:
     def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
         if self.snr_gamma is None:
             return F.mse_loss(prediction.float(), noised.target.float(), reduction="mean")
+        return self.per_example_loss(prediction, noised).mean()
+
+    def per_example_loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
+        """Each example's (min-SNR weighted) error: what Diffusion-DPO compares between the preferred and the other image."""
+        if self.snr_gamma is None:
+            return _per_example_loss(prediction, noised.target)
         snr = compute_snr(self.scheduler, noised.timesteps)
         weights = torch.stack([snr, self.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
         weights = weights / snr if self.prediction_type == "epsilon" else weights / (snr + 1)
-        return (_per_example_loss(prediction, noised.target) * weights).mean()
+        return _per_example_loss(prediction, noised.target) * weights
 
 
 class FlowMatchingObjective:
@@ -96,6 +102,10 @@ class FlowMatchingObjective:
         return Noised((1.0 - sigmas) * latents + sigmas * noise, timesteps, self.target(latents, noise), weights)
 
     def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
+        return self.per_example_loss(prediction, noised).mean()
+
+    def per_example_loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
+        """Each example's (weighted) error: what Diffusion-DPO compares between the preferred and the other image."""
         weights = noised.weights
         per_example = (weights.view(-1, *[1] * (prediction.ndim - 1)) * (prediction.float() - noised.target.float()) ** 2)
-        return per_example.reshape(prediction.shape[0], -1).mean(dim=1).mean()
+        return per_example.reshape(prediction.shape[0], -1).mean(dim=1)

@@ -219,7 +219,7 @@ def test_an_overfit_base_reproduces_its_phantom_through_the_plain_pipeline(name)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", DIT_FAMILIES)
+@pytest.mark.parametrize("name", ["sana"])  # the control means something only where the right target passes
 def test_a_wrong_training_target_fails_the_consistency_check(name, monkeypatch):
     objective = type(DIFFUSION_FAMILIES[name].make_objective(DIFFUSION_FAMILIES[name].build_tiny(), TrainConfig()))
     monkeypatch.setattr(objective, "noise", _wrong_target(objective))

@@ -108,13 +108,12 @@ def run_reference(args, data_dir: str, work: Path) -> dict:
     import torch.nn.functional as F
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
     from torch.utils.data import DataLoader
 
     from medfm.data.pairs import ImageReportDataset, collate_pairs, pairs_from_imagefolder
     from medfm.lora import attach_lora, lora_parameters
-    from diffusers import DDPMScheduler
-
     from medfm.models.diffusion import load_pipeline
 
     clock = StepClock()

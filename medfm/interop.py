@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .lora import LORA_WEIGHTS_NAME
-from .paths import with_default_mode
 from .models.families import DIFFUSION_FAMILIES
+from .paths import with_default_mode
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 

@@ -10,12 +10,12 @@ import shutil
 import subprocess
 import sys
 
+import huggingface_hub.hf_api
 import numpy as np
 import pytest
-import huggingface_hub.hf_api
+import tiny_scorers
 from huggingface_hub import constants
 
-import tiny_scorers
 from hub_server import LocalHub
 from medfm.cli import main as medfm
 from medfm.data.phantom import CHEXPERT_LABELS

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from medfm.cli import main as medfm
 from medfm.config import ConfigError, TrainConfig
+from medfm.data.image_preferences import ImagePreferenceDataset
 from medfm.data.pairs import Quarantine
 from medfm.data.phantom import make_phantom
-from medfm.data.image_preferences import ImagePreferenceDataset
 from medfm.lora import LORA_WEIGHTS_NAME
 from medfm.models.diffusion import resolve_base
 from medfm.models.families import DIFFUSION_FAMILIES

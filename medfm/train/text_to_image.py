@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..data.cache import (LATENT_PREPROCESSING_VERSION, CachedDataset, EncodingCache, content_bytes, default_cache_dir, digest, encoder_identity,
-                          fill_cache)
+from ..data.cache import LATENT_PREPROCESSING_VERSION, CachedDataset, EncodingCache, content_bytes, default_cache_dir, digest, encoder_identity, fill_cache
 from ..data.pairs import ImageReportDataset, collate_pairs, load_pairs
 from ..hub import write_text_to_image_card
 from ..lora import attach_lora

@@ -21,8 +21,8 @@ from huggingface_hub import snapshot_download
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig, load_config
-from ..data.pairs import collate_pairs
 from ..data.image_preferences import ImagePreferenceDataset
+from ..data.pairs import collate_pairs
 from ..hub import write_text_to_image_card
 from ..lora import attach_lora, lora_disabled, lora_weights_swapped
 from ..models.families.objectives import Noised

@@ -92,7 +92,7 @@ def test_reward_weights_from_flags_and_method_only_keys():
     assert config.num_generations == 8 and config.beta == 0.04  # grpo's defaults filled in
     sft = parse_train_config(["--task", "report"])
     assert sft.reward is None and sft.num_generations is None and sft.beta is None  # keys sft does not read stay empty
-    with pytest.raises(ValueError, match="num_generations is read only by --method grpo"):
+    with pytest.raises(ValueError, match="num_generations is read only by --task report --method grpo"):
         parse_train_config(["--task", "report", "--method", "dpo", "--num_generations", "4"], exit_on_error=False)
     with pytest.raises(ValueError, match="for task 'report'"):
         parse_train_config(["--method", "grpo"], exit_on_error=False)

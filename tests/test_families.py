@@ -205,10 +205,12 @@ def _wrong_target(objective_class):
     return noise
 
 
-# Only Sana has been shown to reproduce its phantom in 150 steps. Measured (pixel error after / untrained): PixArt-Σ 0.159 / 0.170,
-# Flux 0.139 / 0.153, SDXL 0.147 / 0.178; SD3 and Lumina 2 not run yet. Undertraining and a mismatch with the pipeline are not
-# yet told apart for these.
-UNPROVEN = pytest.mark.xfail(reason="not yet shown to reproduce its phantom in 150 steps (see the numbers above); not run in CI: minutes each", run=False)
+# Only Sana has been shown to reproduce its phantom (150 steps; 0.027 after 800). Measured on an idle 2-core machine, pixel
+# error after 150 steps / untrained: SD3 0.143 / 0.146 (0.134 after 800 steps), Flux 0.139 / 0.153, SDXL 0.147 / 0.178,
+# PixArt-Σ 0.159 / 0.170, Lumina 2 0.129 / 0.155. For SD3 the training loss stalls near E|x0|^2 (the loss of a denoiser that
+# has not learned the image at all), so the cause is on the training side (predict/conditioning or the tiny config), not
+# only too few steps. Until that is found these run as non-strict xfails (a few seconds each): a fix shows as XPASS.
+UNPROVEN = pytest.mark.xfail(reason="not yet shown to reproduce its phantom (see the numbers above)", strict=False)
 
 
 @pytest.mark.slow

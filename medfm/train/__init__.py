@@ -1,30 +1,24 @@
-"""Training recipes, one per task."""
+"""Training recipes, one per (task, method)."""
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from ..config import TrainConfig
+
+RECIPES = {  # (task, method) -> "module:class" in this package, imported only when chosen
+    ("text-to-image", "sft"): "text_to_image:TextToImageLoRARecipe",
+    ("text-to-image", "dpo"): "text_to_image_dpo:TextToImageDPORecipe",
+    ("report", "sft"): "report:ReportLoRARecipe",
+    ("report", "grpo"): "grpo:GRPOReportRecipe",
+    ("report", "dpo"): "dpo:DPOReportRecipe",
+}
 
 
 def recipe_for(config: TrainConfig):
-    """The recipe class that trains `config.task`."""
-    if config.task == "text-to-image" and config.method == "dpo":
-        from .text_to_image_dpo import TextToImageDPORecipe
-
-        return TextToImageDPORecipe(config)
-    if config.task == "text-to-image":
-        from .text_to_image import TextToImageLoRARecipe
-
-        return TextToImageLoRARecipe(config)
-    if config.task == "report" and config.method == "grpo":
-        from .grpo import GRPOReportRecipe
-
-        return GRPOReportRecipe(config)
-    if config.task == "report" and config.method == "dpo":
-        from .dpo import DPOReportRecipe
-
-        return DPOReportRecipe(config)
-    if config.task == "report":
-        from .report import ReportLoRARecipe
-
-        return ReportLoRARecipe(config)
-    raise ValueError(f"Unknown task {config.task!r}")
+    """The recipe that trains `config.task` with `config.method`."""
+    try:
+        module, name = RECIPES[config.task, config.method].split(":")
+    except KeyError:
+        raise ValueError(f"No recipe for task {config.task!r} with method {config.method!r}; supported: {sorted(RECIPES)}") from None
+    return getattr(import_module(f".{module}", __name__), name)(config)

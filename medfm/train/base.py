@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -35,6 +35,8 @@ UNSHARDED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULT
 
 class LoRARecipe:
     tracker_name = "medfm-lora"
+    # Multi-process (DDP) runs: whether some trainable parameters may get no gradient in a step (DDP then has to look for them).
+    find_unused_parameters = False
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -61,14 +63,16 @@ class LoRARecipe:
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.find_unused_parameters)],
         )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         logger.info(self.accelerator.state)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.accelerator.device.type == "cpu" and self.accelerator.num_processes == 1 and torch.get_num_threads() == 1:
-            # `accelerate launch` sets OMP_NUM_THREADS=1 for CPU runs; with a single process that idles the other cores.
-            torch.set_num_threads(os.cpu_count() or 1)
+            # `accelerate launch` sets OMP_NUM_THREADS=1 for CPU runs; with a single process that idles the other cores (those this
+            # process may run on: `taskset` and cgroup cpusets are respected).
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
             logger.info(f"Single CPU process: using {torch.get_num_threads()} threads")
         set_seed(cfg.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)

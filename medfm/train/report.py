@@ -32,6 +32,9 @@ REFERENCE_ADAPTER = "reference"  # the frozen copy of --init_adapter that grpo a
 
 class ReportLoRARecipe(LoRARecipe):
     tracker_name = "medfm-report-lora"
+    # A vision tower trained whole (modules_to_save) has layers after the one whose features the VLM reads (LLaVA's
+    # vision_feature_layer=-2): they get no gradient, which DDP rejects unless told to look for unused parameters.
+    find_unused_parameters = True
 
     def _setup_models(self) -> None:
         cfg = self.config

@@ -137,7 +137,7 @@ class TextToImageLoRARecipe(LoRARecipe):
         family, cfg = self.family, self.config
         tokenizers = [c for name, c in sorted(self.pipe.components.items()) if name.startswith("tokenizer") and c is not None]
         identity = digest(family.name, *(encoder_identity(e) for e in self.text_encoders.values()), *map(tokenizer_identity, tokenizers))
-        cache = EncodingCache(root, "text-embeddings", identity, family.prompt_settings(cfg.max_sequence_length))
+        cache = EncodingCache(root, "text-embeddings", identity, family.prompt_settings(self.pipe, cfg.max_sequence_length))
         texts = [dataset.text(i) for i in range(len(dataset))]
         keys = [cache.key(text.encode()) for text in texts]
 

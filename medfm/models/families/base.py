@@ -83,9 +83,10 @@ class DiffusionFamily:
         """Everything the denoiser reads from the prompts, batch first (embeddings, pooled embeddings, masks): cacheable per example."""
         raise NotImplementedError
 
-    def prompt_settings(self, max_sequence_length: int | None) -> dict:
-        """Settings that change encode_prompts' output besides the text and the encoders (part of the cache key)."""
-        return {"max_sequence_length": max_sequence_length}
+    def prompt_settings(self, pipe, max_sequence_length: int | None) -> dict:
+        """Settings that change encode_prompts' output besides the text and the encoders (part of the cache key): the prompt
+        length it encodes to, and whatever else the family's encoding prepends or switches (instructions, system prompts)."""
+        return {"max_sequence_length": max_sequence_length or self.default_max_sequence_length(pipe)}
 
     def pipeline_kwargs(self, max_sequence_length: int | None) -> dict:
         """Arguments a pipeline call needs to see prompts as training encoded them."""

@@ -71,8 +71,9 @@ def _module_names(state_dict: dict, components) -> set[str]:
 def export_kohya(adapter_dir: str | Path, output_file: str | Path | None = None) -> Path:
     """Write the adapter as one kohya-ss safetensors file (`lora_unet_*`/`lora_te_*`, `.lora_down`/`.lora_up`/`.alpha`).
 
-    That is the key layout A1111, ComfyUI and kohya's sd-scripts load. The file is checked by reading it back
-    through diffusers' own kohya converter: a module the kohya naming cannot express stops the export by name.
+    That is the key layout A1111, ComfyUI and kohya's sd-scripts load (Flux: sd-scripts' BFL names, `family.kohya_layout`).
+    The file is checked by reading it back through diffusers' own kohya converter: a module the kohya naming cannot express
+    stops the export by name. Families with no kohya layout that diffusers reads back are refused, naming the folder's format.
     """
     from .generate import adapter_family
 

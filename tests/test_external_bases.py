@@ -19,11 +19,13 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Gemma2Config, Gemma2Model, GemmaTokenizerFast
 
 from medfm.cli import main as medfm
 from medfm.data.phantom import write_phantom_dataset
+from medfm.lora import LORA_WEIGHTS_NAME
 from recipes.train_lora import main as train
 
 pytestmark = pytest.mark.slow
@@ -82,7 +84,7 @@ def external_sana(folder):
     return {"max_sequence_length": SEQUENCE, "use_resolution_binning": False}
 
 
-def external_sdxl(folder):
+def external_sdxl(folder, dtype=torch.float32):
     """As diffusers' SDXL pipeline tests build it: two CLIP encoders (the second with projection), text_time UNet, factor-4 VAE."""
     torch.manual_seed(0)
     clip = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, hidden_act="gelu", projection_dim=32)
@@ -97,9 +99,17 @@ def external_sdxl(folder):
     vae = AutoencoderKL(block_out_channels=(8, 16, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4, sample_size=64)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading")
-    StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                              unet=unet, scheduler=scheduler).save_pretrained(folder)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                     unet=unet, scheduler=scheduler)
+    pipe.to(dtype).save_pretrained(folder)
     return {}
+
+
+def train_args(base, out, data, tmp_path, steps=3):
+    return ["--pretrained_model_name_or_path", str(base), "--output_dir", str(out), "--train_data_dir", str(data), "--resolution", "64",
+            "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", "1e-2", "--max_sequence_length", str(SEQUENCE),
+            "--cache_dir", str(tmp_path / "cache"), "--validation_prompt", PROMPT, "--num_validation_images", "1",
+            "--validation_inference_steps", "2", "--report_to", "none"]
 
 
 @pytest.mark.parametrize("build", [external_sana, external_sdxl], ids=["sana", "sdxl"])
@@ -107,10 +117,7 @@ def test_medfm_trains_on_a_folder_built_without_medfm_and_plain_diffusers_gives_
     base, out = tmp_path / "base", tmp_path / "run"
     plain_call = build(base)
     data = write_phantom_dataset(tmp_path / "phantoms", num_images=4, seed=3, size=64)
-    train(["--pretrained_model_name_or_path", str(base), "--output_dir", str(out), "--train_data_dir", str(data), "--resolution", "64",
-           "--train_batch_size", "2", "--max_train_steps", "3", "--learning_rate", "1e-2", "--max_sequence_length", str(SEQUENCE),
-           "--cache_dir", str(tmp_path / "cache"), "--validation_prompt", PROMPT, "--num_validation_images", "1",
-           "--validation_inference_steps", "2", "--report_to", "none"])
+    train(train_args(base, out, data, tmp_path))
 
     def plain(adapter=None):
         pipe = DiffusionPipeline.from_pretrained(base)
@@ -126,3 +133,14 @@ def test_medfm_trains_on_a_folder_built_without_medfm_and_plain_diffusers_gives_
            "--output_dir", str(tmp_path / "gen")])
     generated = np.asarray(Image.open(tmp_path / "gen" / "0000-00.png"), dtype=np.int16)
     assert np.abs(generated - after).max() <= 1
+
+
+def test_a_base_stored_in_float16_only_trains_in_float32(tmp_path):
+    """Many community SDXL checkpoints ship float16 weights only; without mixed precision medfm trains the whole base in float32
+    (it used to leave the stored float16 in place, and the UNet met float32 inputs)."""
+    base, out = tmp_path / "base", tmp_path / "run"
+    external_sdxl(base, torch.float16)
+    train(train_args(base, out, write_phantom_dataset(tmp_path / "phantoms", num_images=2, seed=3, size=64), tmp_path, steps=1))
+    weights = load_file(out / LORA_WEIGHTS_NAME)
+    assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert (out / "validation" / "step-000001.png").is_file()

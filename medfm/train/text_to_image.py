@@ -67,9 +67,7 @@ class TextToImageLoRARecipe(LoRARecipe):
         for model in (self.vae, *self.text_encoders.values(), self.denoiser):
             if getattr(model, "is_quantized", False):
                 continue  # bitsandbytes placed it on the accelerator in its storage dtype
-            model.to(device)
-            if self.weight_dtype != torch.float32:
-                model.to(dtype=self.weight_dtype)
+            model.to(device, dtype=self.weight_dtype)  # also a base stored in fp16/bf16 (community SDXL, Sana's Gemma) when training in fp32
         cast_training_params([self.denoiser, *self.text_encoders.values()], dtype=torch.float32)  # LoRA weights train in fp32
         if cfg.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()

@@ -145,7 +145,8 @@ def _kohya_layout_file(adapter_dir: Path, family, state_dict: dict, metadata: di
             down, up, scale = members[None]
         else:
             down, up, scale = _block_diagonal(name, parts, members)
-        kohya.update({f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(), f"{name}.alpha": torch.tensor(scale * down.shape[0])})
+        kohya.update({f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(),
+                      f"{name}.alpha": torch.tensor(scale * down.shape[0])})
     _check_read_back(adapter_dir, family, kohya, updates)
     return kohya
 

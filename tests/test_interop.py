@@ -1,4 +1,4 @@
-"""kohya export loads back through diffusers' own kohya converter; merged models equal base + adapter."""
+"""kohya export (SD, Flux) loads back through diffusers' own kohya converter; other families are refused by name; merged models equal base + adapter."""
 
 import re
 
@@ -15,8 +15,8 @@ from medfm.data.phantom import make_phantom, write_phantom_dataset
 from medfm.data.report_batches import encode_prompts
 from medfm.generate import base_of_adapter, load_report_model, text_to_image_base
 from medfm.lora import attach_lora
-from medfm.models.families import DIFFUSION_FAMILIES
 from medfm.models.diffusion import load_pipeline
+from medfm.models.families import DIFFUSION_FAMILIES
 from medfm.models.vlm import load_vlm
 from recipes.train_lora import main as train
 
@@ -184,5 +184,6 @@ def test_families_without_an_established_kohya_layout_name_the_portable_folder(n
     adapter = random_adapter(name, family_bases(name), tmp_path / "adapter", ["to_q"])
     folder_format = "PEFT" if name == "pixart-sigma" else "diffusers"
     display = re.escape(DIFFUSION_FAMILIES[name].display_name)
-    with pytest.raises(ValueError, match=rf"{display} adapters have no kohya/ComfyUI LoRA layout.*the adapter folder \({folder_format} format\) is the portable"):
+    portable = rf"{display} adapters have no kohya/ComfyUI LoRA layout.*the adapter folder \({folder_format} format\) is the portable"
+    with pytest.raises(ValueError, match=portable):
         medfm(["export", str(adapter), "--format", "kohya"])

@@ -45,9 +45,7 @@ def set_system_prompt(recipe):
 CHANGES = {  # family: (first length, second length, change applied to the second run's loaded pipeline)
     "lumina2": (16, 16, set_system_prompt),
     "sana": (16, 16, "instruction"),
-    "sd3": (16, 24, None),
-    "flux": (16, 24, None),
-    "pixart-sigma": (16, 24, None),
+    "sd3": (16, 24, None),  # the T5 length; Flux, PixArt-Σ and Lumina 2 key it the same way (DiffusionFamily.prompt_settings)
 }
 
 

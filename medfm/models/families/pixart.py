@@ -18,7 +18,7 @@ from .registry import register
 DEFAULT_MAX_SEQUENCE_LENGTH = call_default(PixArtSigmaPipeline, "max_sequence_length")
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's own file names, so PeftModel.from_pretrained reads the folder
 PEFT_PREFIX = "base_model.model."  # keys as PeftModel.save_pretrained writes them
-CLEAN_CAPTION = False  # reports as written (the truncation to the token limit counted their tokens); pipe(prompt) cleans by default where bs4 and ftfy are installed
+CLEAN_CAPTION = False  # reports as written (their truncation counted these tokens); a plain pipe(prompt) cleans where bs4 and ftfy are installed
 
 
 class PixArtSigma(DiffusionFamily):

@@ -133,7 +133,8 @@ def _kohya_layout_file(adapter_dir: Path, family, state_dict: dict, metadata: di
     for (component, module), lora in loras.items():
         found = next(((m, name, parts) for pattern, name, parts in family.kohya_layout if (m := re.fullmatch(pattern, module))), None)
         if found is None:
-            raise ValueError(f"{adapter_dir}: the {family.display_name} kohya layout has no name for the LoRA module {module!r}; export LoRA on attention only")
+            raise ValueError(f"{adapter_dir}: the {family.display_name} kohya layout has no name for the LoRA module {module!r}; "
+                             "train without it (--lora_layers) or share the adapter folder")
         match, name, parts = found
         scale = _alpha(metadata, component, module) / lora["down"].shape[0]
         updates[f"{component}.{module}"] = lora["up"] @ lora["down"] * scale
@@ -178,7 +179,7 @@ def _check_read_back(adapter_dir: Path, family, kohya: dict, updates: dict[str, 
         back = family.pipeline_class.lora_state_dict(dict(kohya))
     except (AssertionError, ValueError, KeyError) as error:
         raise ValueError(f"{adapter_dir}: diffusers cannot read this adapter back from the {family.display_name} kohya layout "
-                         f"({type(error).__name__}: {error}); its readers assume the released model's widths. Use the adapter folder.") from error
+                         f"({type(error).__name__}: {error}; its reader may assume the released model's layer sizes); share the adapter folder") from error
     back = back[0] if isinstance(back, tuple) else back
     read = {key.rsplit(".lora_A.weight", 1)[0]: back[key.replace(".lora_A.", ".lora_B.")] @ tensor for key, tensor in back.items() if ".lora_A." in key}
     wrong = [m for m, update in updates.items() if m not in read or not torch.allclose(read[m], update, rtol=1e-4, atol=1e-6)]

@@ -66,7 +66,7 @@ def clip_style_tokenizer(pad_token: str) -> CLIPTokenizer:
 
 
 def external_sana(folder):
-    """As diffusers' Sana pipeline tests build it, the text encoder saved in bfloat16 as the released Sana folders ship Gemma 2."""
+    """Tiny Sana from its classes, as diffusers' own pipeline tests make one; the text encoder saved in bfloat16 as released Sana folders ship Gemma 2."""
     torch.manual_seed(0)
     tokenizer = gemma_style_tokenizer()
     text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -85,7 +85,7 @@ def external_sana(folder):
 
 
 def external_sdxl(folder, dtype=torch.float32):
-    """As diffusers' SDXL pipeline tests build it: two CLIP encoders (the second with projection), text_time UNet, factor-4 VAE."""
+    """Tiny SDXL from its classes, as diffusers' own pipeline tests make one: two CLIP encoders (the second with projection), text_time UNet, factor-4 VAE."""
     torch.manual_seed(0)
     clip = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, hidden_act="gelu", projection_dim=32)
     tokenizer, tokenizer_2 = clip_style_tokenizer("<|endoftext|>"), clip_style_tokenizer("!")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 from diffusers import FluxPipeline
+from peft import LoraConfig
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -187,3 +188,29 @@ def test_families_without_an_established_kohya_layout_name_the_portable_folder(n
     portable = rf"{display} adapters have no kohya/ComfyUI LoRA layout.*the adapter folder \({folder_format} format\) is the portable"
     with pytest.raises(ValueError, match=portable):
         medfm(["export", str(adapter), "--format", "kohya"])
+
+
+def test_flux_single_block_attention_at_flux1_width_reads_back_through_diffusers(family_bases, tmp_path):
+    """At FLUX.1's width (3072) a single block's q, k, v LoRAs go into BFL's fused linear1 (q, k, v, MLP input): diffusers' reader
+    gives back each one's update and a zero one for the MLP input. Only the LoRA tensors are made: no 12B model needed."""
+    width, rank, alpha = 3072, 4, 8
+    generator = torch.Generator().manual_seed(0)
+    layers = {f"single_transformer_blocks.0.attn.{part}.{ab}.weight": torch.randn(shape, generator=generator) * 0.1
+              for part in ("to_q", "to_k", "to_v") for ab, shape in (("lora_A", (rank, width)), ("lora_B", (width, rank)))}
+    adapter = tmp_path / "adapter"
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v"])
+    FluxPipeline.save_lora_weights(adapter, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict(),
+                                   weight_name="pytorch_lora_weights.safetensors")
+    (adapter / "training_config.yaml").write_text(yaml.safe_dump({"task": "text-to-image", "pretrained_model_name_or_path": str(family_bases("flux"))}))
+    target = tmp_path / "flux_kohya.safetensors"
+    medfm(["export", str(adapter), "--format", "kohya", "--output", str(target)])
+    weights = load_file(target)
+    assert weights["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (4 * rank, width)
+    assert weights["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * width + 4 * width, 4 * rank)
+    back = FluxPipeline.lora_state_dict(str(target))
+    back = back[0] if isinstance(back, tuple) else back
+    for part in ("to_q", "to_k", "to_v"):
+        module = f"single_transformer_blocks.0.attn.{part}"
+        expected = layers[f"{module}.lora_B.weight"] @ layers[f"{module}.lora_A.weight"] * alpha / rank
+        torch.testing.assert_close(back[f"transformer.{module}.lora_B.weight"] @ back[f"transformer.{module}.lora_A.weight"], expected)
+    assert not back["transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight"].any()

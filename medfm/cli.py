@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="Write a text-to-image adapter in another tool's format.")
     export.add_argument("adapter_dir")
-    export.add_argument("--format", choices=["kohya"], required=True, help="kohya: one safetensors file for kohya-ss, A1111 and ComfyUI.")
+    export.add_argument("--format", choices=["kohya"], required=True, help="kohya: one file for kohya-ss, A1111, ComfyUI (SD 1.x/2.x, SDXL, Flux.1).")
     export.add_argument("--output", help="File to write (default: ADAPTER_DIR/NAME-kohya.safetensors).")
     export.set_defaults(run=_export)
 

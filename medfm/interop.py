@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -70,8 +71,9 @@ def _module_names(state_dict: dict, components) -> set[str]:
 def export_kohya(adapter_dir: str | Path, output_file: str | Path | None = None) -> Path:
     """Write the adapter as one kohya-ss safetensors file (`lora_unet_*`/`lora_te_*`, `.lora_down`/`.lora_up`/`.alpha`).
 
-    That is the key layout A1111, ComfyUI and kohya's sd-scripts load. The file is checked by reading it back
-    through diffusers' own kohya converter: a module the kohya naming cannot express stops the export by name.
+    That is the key layout A1111, ComfyUI and kohya's sd-scripts load (Flux: sd-scripts' BFL names, `family.kohya_layout`).
+    The file is checked by reading it back through diffusers' own kohya converter: a module the kohya naming cannot express
+    stops the export by name. Families with no kohya layout that diffusers reads back are refused, naming the folder's format.
     """
     from .generate import adapter_family
 
@@ -81,11 +83,15 @@ def export_kohya(adapter_dir: str | Path, output_file: str | Path | None = None)
     family = adapter_family(adapter_dir)
     if not family.kohya_prefixes:
         with_format = ", ".join(f.display_name for f in DIFFUSION_FAMILIES.values() if f.kohya_prefixes)
-        raise ValueError(f"{adapter_dir}: no kohya/ComfyUI key layout is defined for {family.display_name} adapters (it exists for {with_format}); "
-                         f"the folder itself is the portable format: {family.loading_snippet('BASE', repr(str(adapter_dir)))}")
+        folder_format = "PEFT" if family.lora_loader == "peft" else "diffusers"
+        raise ValueError(f"{adapter_dir}: {family.display_name} adapters have no kohya/ComfyUI LoRA layout that diffusers reads back, so medfm "
+                         f"exports none (it does for {with_format}); the adapter folder ({folder_format} format) is the portable format: "
+                         f"{family.loading_snippet('BASE', repr(str(adapter_dir)))}")
     weights_file = adapter_dir / LORA_WEIGHTS_NAME
     metadata = _lora_metadata(weights_file)
     state_dict = family.lora_state_dict(adapter_dir)
+    if family.kohya_layout:
+        return _save_kohya(_kohya_layout_file(adapter_dir, family, state_dict, metadata), adapter_dir, output_file, family, metadata)
     kohya: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         component, rest = key.split(".", 1)
@@ -98,12 +104,88 @@ def export_kohya(adapter_dir: str | Path, output_file: str | Path | None = None)
     lost = _module_names(state_dict, family.kohya_prefixes) ^ _module_names(back, family.kohya_prefixes)
     if lost:
         raise ValueError(f"{adapter_dir}: the kohya naming cannot express these LoRA modules: {sorted(lost)[:5]}")
+    return _save_kohya(kohya, adapter_dir, output_file, family, metadata)
+
+
+def _save_kohya(kohya: dict, adapter_dir: Path, output_file, family, metadata: dict) -> Path:
     output_file = Path(output_file or adapter_dir / f"{adapter_dir.resolve().name}-kohya.safetensors")
     output_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(kohya, str(output_file), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(metadata[f"{family.denoiser}.r"]),
                                                  "ss_network_alpha": str(metadata[f"{family.denoiser}.lora_alpha"]), "format": "pt"})
     with_default_mode(output_file)
     return output_file
+
+
+def _kohya_layout_file(adapter_dir: Path, family, state_dict: dict, metadata: dict) -> dict[str, torch.Tensor]:
+    """The kohya file of a family whose kohya names are another model's module names (`family.kohya_layout`, Flux's BFL names).
+
+    LoRAs on the parts of one fused kohya linear (Flux's q, k, v) become one LoRA of rank parts x rank with a block-diagonal
+    up matrix (absent parts zero): the same update, the layout sd-scripts writes when it trains q, k, v separately. The file
+    is read back through diffusers' converter and every module's update (up @ down x alpha / rank) compared to the adapter's.
+    """
+    loras: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        component, rest = key.split(".", 1)
+        module, direction = _split_lora_key(rest)
+        loras.setdefault((component, module), {})[direction] = tensor
+    fused: dict[str, tuple] = {}  # kohya name -> (parts or None, {part: (down, up, alpha / rank)})
+    updates = {}  # diffusers module -> its LoRA's weight update
+    for (component, module), lora in loras.items():
+        found = next(((m, name, parts) for pattern, name, parts in family.kohya_layout if (m := re.fullmatch(pattern, module))), None)
+        if found is None:
+            raise ValueError(f"{adapter_dir}: the {family.display_name} kohya layout has no name for the LoRA module {module!r}; "
+                             "train without it (--lora_layers) or share the adapter folder")
+        match, name, parts = found
+        scale = _alpha(metadata, component, module) / lora["down"].shape[0]
+        updates[f"{component}.{module}"] = lora["up"] @ lora["down"] * scale
+        entry = fused.setdefault(family.kohya_prefixes[component] + match.expand(name), (parts, {}))
+        entry[1][match.group(match.lastindex) if parts else None] = (lora["down"], lora["up"], scale)
+    kohya = {}
+    for name, (parts, members) in fused.items():
+        if parts is None:
+            down, up, scale = members[None]
+        else:
+            down, up, scale = _block_diagonal(name, parts, members)
+        kohya.update({f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(),
+                      f"{name}.alpha": torch.tensor(scale * down.shape[0])})
+    _check_read_back(adapter_dir, family, kohya, updates)
+    return kohya
+
+
+def _block_diagonal(name: str, parts: tuple, members: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, alpha / rank) of one LoRA on a fused linear made of per-part LoRAs (one rank and alpha for all parts)."""
+    shapes = {(down.shape[0], scale) for down, _, scale in members.values()}
+    if len(shapes) > 1:
+        raise ValueError(f"{name}: the fused parts {sorted(members)} have different ranks or alphas; kohya's fused layout needs one")
+    (rank, scale), = shapes
+    down0, up0, _ = next(iter(members.values()))
+    unit = up0.shape[0] // dict(parts)[next(iter(members))]
+    widths = [unit * width for _, width in parts]
+    down = torch.zeros(rank * len(parts), down0.shape[1], dtype=down0.dtype)
+    up = torch.zeros(sum(widths), rank * len(parts), dtype=up0.dtype)
+    row = 0
+    for i, ((part, _), width) in enumerate(zip(parts, widths)):
+        if part in members:
+            down[i * rank : (i + 1) * rank] = members[part][0]
+            up[row : row + width, i * rank : (i + 1) * rank] = members[part][1]
+        row += width
+    return down, up, scale
+
+
+def _check_read_back(adapter_dir: Path, family, kohya: dict, updates: dict[str, torch.Tensor]) -> None:
+    """Read the kohya file back through diffusers' converter: each module's weight update must be the adapter's, and any module
+    the fused layout adds (an absent part) must change nothing."""
+    try:
+        back = family.pipeline_class.lora_state_dict(dict(kohya))
+    except (AssertionError, ValueError, KeyError) as error:
+        raise ValueError(f"{adapter_dir}: diffusers cannot read this adapter back from the {family.display_name} kohya layout "
+                         f"({type(error).__name__}: {error}; its reader may assume the released model's layer sizes); share the adapter folder") from error
+    back = back[0] if isinstance(back, tuple) else back
+    read = {key.rsplit(".lora_A.weight", 1)[0]: back[key.replace(".lora_A.", ".lora_B.")] @ tensor for key, tensor in back.items() if ".lora_A." in key}
+    wrong = [m for m, update in updates.items() if m not in read or not torch.allclose(read[m], update, rtol=1e-4, atol=1e-6)]
+    wrong += [m for m, update in read.items() if m not in updates and update.abs().max() > 0]
+    if wrong:
+        raise ValueError(f"{adapter_dir}: the kohya file does not read back as the adapter for these modules: {sorted(wrong)[:5]}")
 
 
 def _split_lora_key(key: str) -> tuple[str, str]:

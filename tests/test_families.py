@@ -34,7 +34,7 @@ PLAIN_CALL = {
     "sd3": {"max_sequence_length": SEQUENCE},
     "flux": {"max_sequence_length": SEQUENCE},
     "sdxl": {},
-    "pixart-sigma": {"max_sequence_length": SEQUENCE, "use_resolution_binning": False},
+    "pixart-sigma": {"max_sequence_length": SEQUENCE, "use_resolution_binning": False, "clean_caption": False},
     "lumina2": {"max_sequence_length": SEQUENCE},
 }
 

@@ -1,8 +1,13 @@
-"""kohya export loads back through diffusers' own kohya converter; merged models equal base + adapter."""
+"""kohya export (SD, Flux) loads back through diffusers' own kohya converter; other families are refused by name; merged models equal base + adapter."""
+
+import re
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from diffusers import FluxPipeline
+from peft import LoraConfig
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -10,7 +15,9 @@ from medfm.cli import main as medfm
 from medfm.data.phantom import make_phantom, write_phantom_dataset
 from medfm.data.report_batches import encode_prompts
 from medfm.generate import base_of_adapter, load_report_model, text_to_image_base
+from medfm.lora import attach_lora
 from medfm.models.diffusion import load_pipeline
+from medfm.models.families import DIFFUSION_FAMILIES
 from medfm.models.vlm import load_vlm
 from recipes.train_lora import main as train
 
@@ -97,3 +104,113 @@ def test_merged_report_model_equals_base_plus_adapter(report_adapter, tmp_path):
     plain = report_logits(plain_model.eval(), processor, family)
     assert torch.allclose(merged, with_adapter, atol=1e-4)
     assert (with_adapter - plain).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------- families beyond SD
+FLUX_DOUBLE_BLOCK = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",  # to_k left out: its part of the fused qkv is zero
+                     "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj",
+                     "transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.net.2",
+                     "single_transformer_blocks.0.proj_out"]
+
+
+@pytest.fixture(scope="module")
+def family_bases(tmp_path_factory):
+    root, built = tmp_path_factory.mktemp("family-bases"), {}
+
+    def folder(name):
+        if name not in built:
+            built[name] = root / name
+            DIFFUSION_FAMILIES[name].build_tiny().save_pretrained(built[name])
+        return built[name]
+
+    return folder
+
+
+def random_adapter(family_name, base, folder, targets, rank=4, alpha=8):
+    """A family's adapter as medfm saves it, its LoRA up matrices drawn at random (a trained adapter's are not zero)."""
+    family = DIFFUSION_FAMILIES[family_name]
+    pipe = family.load_pipeline(str(base))
+    denoiser = family.get_denoiser(pipe)
+    attach_lora(denoiser, rank, alpha, 0.0, targets)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    family.save_lora(folder, denoiser)
+    (folder / "training_config.yaml").write_text(yaml.safe_dump({"task": "text-to-image", "pretrained_model_name_or_path": str(base)}))
+    return folder
+
+
+def flux_images(base, lora=None):
+    pipe = FluxPipeline.from_pretrained(str(base))
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    return pipe(PROMPT, num_inference_steps=2, height=64, width=64, max_sequence_length=16, generator=torch.Generator().manual_seed(0),
+                output_type="np").images, pipe
+
+
+def test_flux_kohya_export_in_bfl_names_loads_through_diffusers_with_identical_images(family_bases, tmp_path):
+    base = family_bases("flux")
+    adapter = random_adapter("flux", base, tmp_path / "adapter", FLUX_DOUBLE_BLOCK)
+    target = tmp_path / "flux_kohya.safetensors"
+    medfm(["export", str(adapter), "--format", "kohya", "--output", str(target)])
+    weights = load_file(target)
+    assert {k.rsplit(".", 2)[0] if "lora_" in k.rsplit(".", 2)[-2] else k.rsplit(".", 1)[0] for k in weights} == {
+        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+        "lora_unet_double_blocks_0_txt_attn_proj", "lora_unet_double_blocks_0_img_mlp_2", "lora_unet_single_blocks_0_linear2"}
+    assert weights["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 3 * 4  # q, k, v fused: rank 3 x 4
+    assert float(weights["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3 * 8  # alpha / rank kept
+    assert float(weights["lora_unet_double_blocks_0_img_attn_proj.alpha"]) == 8
+
+    plain, _ = flux_images(base)
+    medfm_format, loaded = flux_images(base, adapter)
+    assert {n.rsplit(".lora_", 1)[0] for n, _ in loaded.transformer.named_parameters() if ".lora_" in n} == set(FLUX_DOUBLE_BLOCK)  # none dropped
+    kohya, _ = flux_images(base, target)
+    assert np.abs(medfm_format - plain).max() > 0.01
+    np.testing.assert_allclose(kohya, medfm_format, atol=1e-5)
+
+
+def test_flux_single_block_attention_at_a_width_the_kohya_readers_do_not_know_is_refused(family_bases, tmp_path):
+    """diffusers reads a single block's fused linear1 only at FLUX.1's widths (3072); a tiny base's is refused by name, not written."""
+    adapter = random_adapter("flux", family_bases("flux"), tmp_path / "adapter", ["to_q", "to_k", "to_v"])
+    with pytest.raises(ValueError, match="diffusers cannot read this adapter back from the Flux.1 kohya layout"):
+        medfm(["export", str(adapter), "--format", "kohya", "--output", str(tmp_path / "out.safetensors")])
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["sd3", "sana", "lumina2", "pixart-sigma"])
+def test_families_without_an_established_kohya_layout_name_the_portable_folder(name, family_bases, tmp_path):
+    adapter = random_adapter(name, family_bases(name), tmp_path / "adapter", ["to_q"])
+    folder_format = "PEFT" if name == "pixart-sigma" else "diffusers"
+    display = re.escape(DIFFUSION_FAMILIES[name].display_name)
+    portable = rf"{display} adapters have no kohya/ComfyUI LoRA layout.*the adapter folder \({folder_format} format\) is the portable"
+    with pytest.raises(ValueError, match=portable):
+        medfm(["export", str(adapter), "--format", "kohya"])
+
+
+def test_flux_single_block_attention_at_flux1_width_reads_back_through_diffusers(family_bases, tmp_path):
+    """At FLUX.1's width (3072) a single block's q, k, v LoRAs go into BFL's fused linear1 (q, k, v, MLP input): diffusers' reader
+    gives back each one's update and a zero one for the MLP input. Only the LoRA tensors are made: no 12B model needed."""
+    width, rank, alpha = 3072, 4, 8
+    generator = torch.Generator().manual_seed(0)
+    layers = {f"single_transformer_blocks.0.attn.{part}.{ab}.weight": torch.randn(shape, generator=generator) * 0.1
+              for part in ("to_q", "to_k", "to_v") for ab, shape in (("lora_A", (rank, width)), ("lora_B", (width, rank)))}
+    adapter = tmp_path / "adapter"
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v"])
+    FluxPipeline.save_lora_weights(adapter, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict(),
+                                   weight_name="pytorch_lora_weights.safetensors")
+    (adapter / "training_config.yaml").write_text(yaml.safe_dump({"task": "text-to-image", "pretrained_model_name_or_path": str(family_bases("flux"))}))
+    target = tmp_path / "flux_kohya.safetensors"
+    medfm(["export", str(adapter), "--format", "kohya", "--output", str(target)])
+    weights = load_file(target)
+    assert weights["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (4 * rank, width)
+    assert weights["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * width + 4 * width, 4 * rank)
+    back = FluxPipeline.lora_state_dict(str(target))
+    back = back[0] if isinstance(back, tuple) else back
+    for part in ("to_q", "to_k", "to_v"):
+        module = f"single_transformer_blocks.0.attn.{part}"
+        expected = layers[f"{module}.lora_B.weight"] @ layers[f"{module}.lora_A.weight"] * alpha / rank
+        torch.testing.assert_close(back[f"transformer.{module}.lora_B.weight"] @ back[f"transformer.{module}.lora_A.weight"], expected)
+    assert not back["transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight"].any()

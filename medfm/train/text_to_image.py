@@ -67,9 +67,7 @@ class TextToImageLoRARecipe(LoRARecipe):
         for model in (self.vae, *self.text_encoders.values(), self.denoiser):
             if getattr(model, "is_quantized", False):
                 continue  # bitsandbytes placed it on the accelerator in its storage dtype
-            model.to(device)
-            if self.weight_dtype != torch.float32:
-                model.to(dtype=self.weight_dtype)
+            model.to(device, dtype=self.weight_dtype)  # also a base stored in fp16/bf16 (community SDXL, Sana's Gemma) when training in fp32
         cast_training_params([self.denoiser, *self.text_encoders.values()], dtype=torch.float32)  # LoRA weights train in fp32
         if cfg.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
@@ -137,7 +135,7 @@ class TextToImageLoRARecipe(LoRARecipe):
         family, cfg = self.family, self.config
         tokenizers = [c for name, c in sorted(self.pipe.components.items()) if name.startswith("tokenizer") and c is not None]
         identity = digest(family.name, *(encoder_identity(e) for e in self.text_encoders.values()), *map(tokenizer_identity, tokenizers))
-        cache = EncodingCache(root, "text-embeddings", identity, family.prompt_settings(cfg.max_sequence_length))
+        cache = EncodingCache(root, "text-embeddings", identity, family.prompt_settings(self.pipe, cfg.max_sequence_length))
         texts = [dataset.text(i) for i in range(len(dataset))]
         keys = [cache.key(text.encode()) for text in texts]
 

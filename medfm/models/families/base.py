@@ -43,6 +43,7 @@ class DiffusionFamily:
     text_encoder_lora: bool = False  # whether --train_text_encoder is supported
     lora_loader: str = "diffusers"  # "diffusers": pipe.load_lora_weights(folder); "peft": PeftModel.from_pretrained(pipe.transformer, folder)
     kohya_prefixes: dict[str, str] | None = None  # component -> kohya-ss key prefix, where that format exists for the family
+    kohya_layout: tuple | None = None  # (diffusers module regex, kohya module, fused parts) where kohya names differ from diffusers paths (Flux)
     recipe: str | None = None  # recipes/configs file for this family
     objective_summary: str = "rectified flow (velocity noise - x0)"  # for model cards
 
@@ -83,9 +84,10 @@ class DiffusionFamily:
         """Everything the denoiser reads from the prompts, batch first (embeddings, pooled embeddings, masks): cacheable per example."""
         raise NotImplementedError
 
-    def prompt_settings(self, max_sequence_length: int | None) -> dict:
-        """Settings that change encode_prompts' output besides the text and the encoders (part of the cache key)."""
-        return {"max_sequence_length": max_sequence_length}
+    def prompt_settings(self, pipe, max_sequence_length: int | None) -> dict:
+        """Settings that change encode_prompts' output besides the text and the encoders (part of the cache key): the prompt
+        length it encodes to, and whatever else the family's encoding prepends or switches (instructions, system prompts)."""
+        return {"max_sequence_length": max_sequence_length or self.default_max_sequence_length(pipe)}
 
     def pipeline_kwargs(self, max_sequence_length: int | None) -> dict:
         """Arguments a pipeline call needs to see prompts as training encoded them."""
@@ -126,7 +128,10 @@ class DiffusionFamily:
 
     def save_lora(self, directory: str | Path, denoiser, text_encoders: dict | None = None) -> None:
         """Write the adapter so the family's own pipeline loads it (`pipe.load_lora_weights(directory)`), LoRA alpha in the metadata."""
-        kwargs = {f"{self.denoiser}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser)),
+        # UNet LoRA in diffusers' own key names (as its SD scripts save); a transformer's stays in PEFT names: the DiT loaders convert
+        # a file only when its first key is not a PEFT one, so a mix (to_q renamed, add_q_proj not) silently lost modules.
+        denoiser_layers = get_peft_model_state_dict(denoiser)
+        kwargs = {f"{self.denoiser}_lora_layers": convert_state_dict_to_diffusers(denoiser_layers) if self.denoiser == "unet" else denoiser_layers,
                   f"{self.denoiser}_lora_adapter_metadata": self.adapter_config(denoiser).to_dict()}
         for name, encoder in (text_encoders or {}).items():
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))

@@ -12,6 +12,25 @@ from .registry import register
 from .sd3 import JOINT_ATTENTION_CONTEXT
 
 DEFAULT_MAX_SEQUENCE_LENGTH = call_default(FluxPipeline, "max_sequence_length")
+QKV = (("to_q", 1), ("to_k", 1), ("to_v", 1))  # (part, output width in units of the model width) of a fused BFL linear, in order
+# The kohya-ss sd-scripts layout of Flux LoRA files (BFL module names: ComfyUI, Forge, sd-scripts), as diffusers'
+# _convert_kohya_flux_lora_to_diffusers reads it. BFL fuses q, k, v (and, in single blocks, the MLP input) into one linear.
+KOHYA_LAYOUT = (
+    (r"transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v)", r"double_blocks_\1_img_attn_qkv", QKV),
+    (r"transformer_blocks\.(\d+)\.attn\.(add_q_proj|add_k_proj|add_v_proj)", r"double_blocks_\1_txt_attn_qkv",
+     (("add_q_proj", 1), ("add_k_proj", 1), ("add_v_proj", 1))),
+    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"double_blocks_\1_img_attn_proj", None),
+    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"double_blocks_\1_txt_attn_proj", None),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", r"double_blocks_\1_img_mlp_0", None),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.2", r"double_blocks_\1_img_mlp_2", None),
+    (r"transformer_blocks\.(\d+)\.norm1\.linear", r"double_blocks_\1_img_mod_lin", None),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", r"double_blocks_\1_txt_mlp_0", None),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2", r"double_blocks_\1_txt_mlp_2", None),
+    (r"transformer_blocks\.(\d+)\.norm1_context\.linear", r"double_blocks_\1_txt_mod_lin", None),
+    (r"single_transformer_blocks\.(\d+)\.(?:attn\.)?(to_q|to_k|to_v|proj_mlp)", r"single_blocks_\1_linear1", (*QKV, ("proj_mlp", 4))),
+    (r"single_transformer_blocks\.(\d+)\.proj_out", r"single_blocks_\1_linear2", None),
+    (r"single_transformer_blocks\.(\d+)\.norm\.linear", r"single_blocks_\1_modulation_lin", None),
+)
 
 
 class Flux(DiffusionFamily):
@@ -22,6 +41,8 @@ class Flux(DiffusionFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     large_text_encoders = ("text_encoder_2",)
     prompt_tokenizer = "tokenizer_2"
+    kohya_prefixes = {"transformer": "lora_unet_"}
+    kohya_layout = KOHYA_LAYOUT
     recipe = "recipes/configs/flux1-dev-mimic-cxr-qlora.yaml"
 
     def default_max_sequence_length(self, pipe) -> int:

@@ -26,6 +26,10 @@ class Lumina2(DiffusionFamily):
                                                 max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
+    def prompt_settings(self, pipe, max_sequence_length):
+        """The system prompt Lumina2Pipeline puts before every caption (`pipe.system_prompt`, what encode_prompt reads) is part of the text."""
+        return {**super().prompt_settings(pipe, max_sequence_length), "system_prompt": pipe.system_prompt}
+
     def predict(self, pipe, denoiser, latents, timesteps, conditioning, cfg):
         timestep = 1 - timesteps / pipe.scheduler.config.num_train_timesteps
         return -denoiser(hidden_states=latents, timestep=timestep, encoder_hidden_states=conditioning["prompt_embeds"],

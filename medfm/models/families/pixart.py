@@ -18,6 +18,7 @@ from .registry import register
 DEFAULT_MAX_SEQUENCE_LENGTH = call_default(PixArtSigmaPipeline, "max_sequence_length")
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's own file names, so PeftModel.from_pretrained reads the folder
 PEFT_PREFIX = "base_model.model."  # keys as PeftModel.save_pretrained writes them
+CLEAN_CAPTION = False  # reports as written (their truncation counted these tokens); a plain pipe(prompt) cleans where bs4 and ftfy are installed
 
 
 class PixArtSigma(DiffusionFamily):
@@ -36,11 +37,14 @@ class PixArtSigma(DiffusionFamily):
 
     def encode_prompts(self, pipe, texts, max_sequence_length=None):
         embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=pipe.text_encoder.device,
-                                                max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
+                                                max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH, clean_caption=CLEAN_CAPTION)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
+    def prompt_settings(self, pipe, max_sequence_length):
+        return {**super().prompt_settings(pipe, max_sequence_length), "clean_caption": CLEAN_CAPTION}
+
     def pipeline_kwargs(self, max_sequence_length):
-        return {"use_resolution_binning": False, **super().pipeline_kwargs(max_sequence_length)}
+        return {"use_resolution_binning": False, "clean_caption": CLEAN_CAPTION, **super().pipeline_kwargs(max_sequence_length)}
 
     def predict(self, pipe, denoiser, latents, timesteps, conditioning, cfg):
         prediction = denoiser(latents, encoder_hidden_states=conditioning["prompt_embeds"], encoder_attention_mask=conditioning["prompt_attention_mask"],

@@ -35,8 +35,8 @@ class Sana(DiffusionFamily):
                                                 complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
-    def prompt_settings(self, max_sequence_length):
-        return {"max_sequence_length": max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH, "complex_human_instruction": COMPLEX_HUMAN_INSTRUCTION}
+    def prompt_settings(self, pipe, max_sequence_length):
+        return {**super().prompt_settings(pipe, max_sequence_length), "complex_human_instruction": COMPLEX_HUMAN_INSTRUCTION}
 
     def pipeline_kwargs(self, max_sequence_length):
         """Render at the asked size (no aspect-ratio binning), prompts encoded as in training."""

@@ -34,7 +34,7 @@ class StableDiffusion(DiffusionFamily):
         ids = tokenizer(texts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
         return {"encoder_hidden_states": pipe.text_encoder(ids.to(pipe.text_encoder.device), return_dict=False)[0]}
 
-    def prompt_settings(self, max_sequence_length):
+    def prompt_settings(self, pipe, max_sequence_length):
         return {"output": "last_hidden_state"}
 
     def pipeline_kwargs(self, max_sequence_length):

@@ -29,6 +29,9 @@ class StableDiffusionXL(DiffusionFamily):
         embeds, _, pooled, _ = pipe.encode_prompt(texts, device=pipe.text_encoder_2.device, do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
+    def prompt_settings(self, pipe, max_sequence_length):
+        return super().prompt_settings(pipe, None)  # CLIP's fixed length, whatever --max_sequence_length says
+
     def pipeline_kwargs(self, max_sequence_length):
         return {}
 

@@ -1,6 +1,9 @@
 """GRPO and DPO for reports on the tiny built-in LLaVA: resume equivalence, the reference policy, preference pairs, the adapter folder."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,15 @@ def test_an_init_adapter_trained_on_another_base_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="pass --pretrained_model_name_or_path builtin:tiny-llava@"):
         train([*COMMON, *GRPO, "--pretrained_model_name_or_path", "builtin:tiny-qwen2-vl", "--init_adapter", str(SFT_ADAPTER),
                "--max_train_steps", "1", "--output_dir", str(tmp_path / "out")])
+
+
+def test_grpo_from_an_sft_adapter_trains_on_two_processes(tmp_path):
+    """Each process samples and scores its own studies; DDP must accept the fully trained vision tower whose last layer the
+    LLaVA features skip (vision_feature_layer=-2), which stopped multi-process report training before."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "recipes" / "train_lora.py"), *COMMON, *GRPO,
+               "--init_adapter", str(SFT_ADAPTER), "--max_train_steps", "2", "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Num processes: 2" in result.stderr
+    assert len(log(tmp_path / "out")) == 2 and any(not torch.equal(a, b) for a, b in zip(weights(tmp_path / "out").values(), weights(SFT_ADAPTER).values()))

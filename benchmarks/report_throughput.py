@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from results import run_in_turns, write_section  # benchmarks/results.py, next to this script
+from results import medians, run_in_turns, write_section  # benchmarks/results.py, next to this script
 from train_throughput import HEADER, RESULTS, machine
 
 import medfm.train.report
@@ -64,8 +63,7 @@ def run_arm(arm: str, config_path: str, steps: int, recipe_flags: list[str]) -> 
 
 
 def table(config, args, recipe_flags: list[str], runs: dict[str, list[dict]]) -> str:
-    median = {arm: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None for key in MEASURES}
-              for arm, rs in runs.items()}
+    median = medians(runs, MEASURES)
     lines = [f"Machine: {machine()}",
              f"Setup: {' '.join([args.config, *recipe_flags])}, base {config.pretrained_model_name_or_path}, batch {config.train_batch_size}, "
              f"{args.max_train_steps} steps, precision {config.mixed_precision or 'no'}, LoRA r {config.rank}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,3 +36,30 @@ def run_in_turns(arms: list[str], repeats: int, command: list[str],
             out = subprocess.run([*command, "--arm", arm], env=env_for(arm, repeat), check=True, stdout=subprocess.PIPE, text=True).stdout
             runs[arm].append(json.loads(out.strip().splitlines()[-1]))
     return runs
+
+
+def medians(runs: dict[str, list[dict]], keys) -> dict[str, dict]:
+    """Each arm's median of each measure over its runs; None where the arm does not measure it (CUDA memory on a CPU)."""
+    return {arm: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None for key in keys} for arm, rs in runs.items()}
+
+
+def arms_table(runs: dict[str, list[dict]], labels: dict[str, str], measures: dict[str, tuple[str, str]], rate: str, reference: str) -> list[str]:
+    """The arms side by side (medians over their runs) as markdown table rows: first the `rate` measure with the range seen, then
+    each arm's rate as a ratio to the `reference` arm's, then the other measures (those the reference measured)."""
+    median, arms = medians(runs, measures), list(runs)
+    label, fmt = measures[rate]
+    lines = ["| | " + " | ".join(labels[arm] for arm in arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    lines.append(f"| {label} | " + " | ".join(
+        f"{fmt.format(median[arm][rate])} ({fmt.format(min(r[rate] for r in runs[arm]))}–{fmt.format(max(r[rate] for r in runs[arm]))})"
+        for arm in arms) + " |")
+    lines.append(f"| {label.partition(' (')[0]} vs {reference} | " + " | ".join(
+        f"**{median[arm][rate] / median[reference][rate]:.2f}x**" for arm in arms) + " |")
+    for key, (label, fmt) in measures.items():
+        if key != rate and median[reference][key] is not None:
+            lines.append(f"| {label} | " + " | ".join(fmt.format(median[arm][key]) for arm in arms) + " |")
+    return lines
+
+
+def write_runs_json(path: str | Path, machine: str, args, runs: dict[str, list[dict]], table: str) -> None:
+    """Every run of every arm, the arguments and the table, for more than the medians."""
+    Path(path).write_text(json.dumps({"machine": machine, "args": vars(args), "runs": runs, "table": table}, indent=1, default=str))

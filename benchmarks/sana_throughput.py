@@ -26,7 +26,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from results import run_in_turns, write_section  # noqa: E402  (benchmarks/results.py, next to this script)
+from results import arms_table, run_in_turns, write_runs_json, write_section  # noqa: E402  (benchmarks/results.py, next to this script)
 from train_throughput import HEADER, RESULTS, StepClock, machine  # noqa: E402
 
 RECIPE = REPO / "recipes" / "configs" / "sana-0.6b-mimic-cxr.yaml"
@@ -212,21 +211,12 @@ def check_cache_pairing(args, epochs: int = 3) -> dict:
 
 # ------------------------------------------------------------------------------------------------ driver
 def report(args, runs: dict[str, list[dict]]) -> str:
-    median = {arm: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None for key in MEASURES} for arm, rs in runs.items()}
-    arms, ref = list(runs), median["diffusers"]
     lines = [f"Machine: {machine()}", f"diffusers script: `{SCRIPT}` at commit {diffusers_commit(args.diffusers_repo)}",
              f"Setup: base {args.base}, {args.resolution} px, batch {args.train_batch_size}, {args.max_train_steps} steps ({args.warmup_steps} warm-up), "
              f"rank {args.rank} on {args.lora_layers}, weighting {args.weighting_scheme}, {args.max_sequence_length} prompt tokens, "
              f"precision {args.mixed_precision}, 8-bit AdamW {args.use_8bit_adam}, gradient checkpointing {args.gradient_checkpointing}, "
              f"{args.num_images} phantom images with per-image captions, seed {args.seed}; medians of {args.repeats} runs per arm, arms taking turns", "",
-             "| | " + " | ".join(ARM_LABELS[arm] for arm in arms) + " |", "|---" * (len(arms) + 1) + "|"]
-    lines.append("| steps/s (after warm-up) | " + " | ".join(
-        f"{median[arm]['steps_per_s']:.2f} ({min(r['steps_per_s'] for r in runs[arm]):.2f}–{max(r['steps_per_s'] for r in runs[arm]):.2f})"
-        for arm in arms) + " |")
-    lines.append("| steps/s vs diffusers | " + " | ".join(f"**{median[arm]['steps_per_s'] / ref['steps_per_s']:.2f}x**" for arm in arms) + " |")
-    for key, (label, fmt) in MEASURES.items():
-        if key != "steps_per_s" and ref[key] is not None:
-            lines.append(f"| {label} | " + " | ".join(fmt.format(median[arm][key]) for arm in arms) + " |")
+             *arms_table(runs, ARM_LABELS, MEASURES, "steps_per_s", "diffusers")]
     return "\n".join(lines)
 
 
@@ -293,7 +283,7 @@ def main(argv=None) -> None:
     print(text)
     write_section(args.results, HEADER, f"Sana LoRA training vs diffusers' DreamBooth script: {args.base} base, {args.resolution} px, {args.device}", text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "runs": runs, "table": text}, indent=1, default=str))
+        write_runs_json(args.json, machine(), args, runs, text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from results import run_in_turns, write_section  # noqa: E402  (benchmarks/results.py, next to this script)
+from results import arms_table, run_in_turns, write_runs_json, write_section  # noqa: E402  (benchmarks/results.py, next to this script)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = """# Speed and memory
@@ -219,21 +218,12 @@ def machine() -> str:
 
 def report(args, runs: dict[str, list[dict]]) -> str:
     """Medians over the repeats; samples/s also as each arm's ratio to the reference and as the range seen."""
-    median = {arm: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None for key in MEASURES} for arm, rs in runs.items()}
-    arms, ref = list(runs), median["reference"]
     lines = [f"Machine: {machine()}", f"Setup: base {args.base}, {args.resolution} px, batch {args.train_batch_size}, {args.max_train_steps} steps, "
              f"seed {args.seed}, rank {args.rank}, precision {args.mixed_precision}, 8-bit AdamW {args.use_8bit_adam}, gradient checkpointing "
              f"{args.gradient_checkpointing}, {args.num_images} phantom images; medians of {args.repeats} runs per arm, arms taking turns", "",
-             "| | " + " | ".join(ARM_LABELS[arm] for arm in arms) + " |", "|---" * (len(arms) + 1) + "|"]
-    lines.append("| samples/s (after the first step) | " + " | ".join(
-        f"{median[arm]['samples_per_s']:.2f} ({min(r['samples_per_s'] for r in runs[arm]):.1f}–{max(r['samples_per_s'] for r in runs[arm]):.1f})"
-        for arm in arms) + " |")
-    lines.append("| samples/s vs reference | " + " | ".join(f"**{median[arm]['samples_per_s'] / ref['samples_per_s']:.2f}x**" for arm in arms) + " |")
-    for key, (label, fmt) in MEASURES.items():
-        if key != "samples_per_s" and ref[key] is not None:
-            lines.append(f"| {label} | " + " | ".join(fmt.format(median[arm][key]) for arm in arms) + " |")
+             *arms_table(runs, ARM_LABELS, MEASURES, "samples_per_s", "reference")]
     lines.append("\nLast-quarter loss ± standard error: " + ", ".join(
-        f"{arm} {runs[arm][0]['loss_last_quarter']:.4f} ± {runs[arm][0]['loss_last_quarter_sem']:.4f}" for arm in arms))
+        f"{arm} {rs[0]['loss_last_quarter']:.4f} ± {rs[0]['loss_last_quarter_sem']:.4f}" for arm, rs in runs.items()))
     return "\n".join(lines)
 
 
@@ -287,7 +277,7 @@ def main(argv=None) -> None:
     title = f"Text-to-image LoRA training: {args.base} base, {args.resolution} px, {args.device}"
     write_section(args.results, HEADER, title, text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "runs": runs, "table": text}, indent=1, default=str))
+        write_runs_json(args.json, machine(), args, runs, text)
 
 
 if __name__ == "__main__":

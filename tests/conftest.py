@@ -49,3 +49,23 @@ def fresh_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def phantom_folders(tmp_path_factory):
+    """phantom_folders(num_images): two 64-px phantom imagefolders of seeds 1 and 2, {"a"|"b": (folder, uint8 images, prompts)},
+    written once per session and size."""
+    from medfm.data.phantom import write_phantom_dataset
+    from medfm.eval.images import load_image_folder
+
+    made = {}
+
+    def folders(num_images: int) -> dict:
+        if num_images not in made:
+            root = tmp_path_factory.mktemp(f"phantoms-{num_images}")
+            made[num_images] = {name: (folder, *load_image_folder(folder, 64))
+                                for name, folder in ((name, write_phantom_dataset(root / name, num_images, seed=seed, size=64))
+                                                     for name, seed in (("a", 1), ("b", 2)))}
+        return made[num_images]
+
+    return folders

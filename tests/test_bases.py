@@ -76,7 +76,7 @@ def test_a_file_for_another_architecture_is_an_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,steps", [("text-to-image", ["--vae_steps", "2", "--denoiser_steps", "2"]), ("report", ["--steps", "2"])])
+@pytest.mark.parametrize("task,steps", [("text-to-image", ["--vae_steps", "2", "--denoiser_steps", "2"]), ("report", ["--vision_steps", "2", "--steps", "2"])])
 def test_the_pretraining_recipe_writes_weights_the_builtin_loader_accepts(monkeypatch, tmp_path, task, steps):
     monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))

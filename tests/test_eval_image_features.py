@@ -30,11 +30,9 @@ TINY_OPEN_CLIP = {
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """Two phantom imagefolders of different seeds: {name: (folder, uint8 images, prompts)}."""
-    root = tmp_path_factory.mktemp("phantoms")
-    return {name: (folder, *load_image_folder(folder, SIZE))
-            for name, folder in ((name, write_phantom_dataset(root / name, 16, seed=seed, size=SIZE)) for name, seed in (("a", 1), ("b", 2)))}
+def images(phantom_folders):
+    """Two phantom imagefolders of different seeds (conftest.py): {name: (folder, uint8 images, prompts)}."""
+    return phantom_folders(16)
 
 
 @pytest.fixture(scope="module")

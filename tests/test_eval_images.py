@@ -11,7 +11,6 @@ from medfm.eval.images import (
     evaluate_image_folders,
     fid_kid,
     image_text_alignment,
-    load_image_folder,
     memorization_audit,
     ms_ssim_diversity,
 )
@@ -25,14 +24,9 @@ TINY_CLIP = {  # a randomly initialised open_clip ViT small enough for CPU tests
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    """Two phantom imagefolders of different seeds: (folder, uint8 images, prompts) each."""
-    root = tmp_path_factory.mktemp("phantoms")
-    sets = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        folder = write_phantom_dataset(root / name, 24, seed=seed, size=SIZE)
-        sets[name] = (folder, *load_image_folder(folder, SIZE))
-    return sets
+def phantoms(phantom_folders):
+    """Two phantom imagefolders of different seeds (conftest.py): (folder, uint8 images, prompts) each."""
+    return phantom_folders(24)
 
 
 @pytest.fixture(scope="module")

@@ -11,30 +11,35 @@ from safetensors.torch import load_file
 
 from medfm.data.phantom import write_phantom_dataset
 from medfm.lora import LORA_WEIGHTS_NAME
+from recipes.train_lora import main as train
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(tmp_path, processes: int, *flags):
-    common = ["--train_data_dir", str(tmp_path / "data"), "--cache_dir", str(tmp_path / "cache"), "--resolution", "64", "--learning_rate", "1e-3",
-              "--checkpointing_steps", "2", "--validation_prompt", "Cardiomegaly.", "--num_validation_images", "1",
-              "--validation_inference_steps", "1", "--report_to", "tensorboard"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
+def common(tmp_path) -> list[str]:
+    return ["--train_data_dir", str(tmp_path / "data"), "--cache_dir", str(tmp_path / "cache"), "--resolution", "64", "--learning_rate", "1e-3",
+            "--checkpointing_steps", "2", "--validation_prompt", "Cardiomegaly.", "--num_validation_images", "1",
+            "--validation_inference_steps", "1", "--report_to", "tensorboard"]
+
+
+def run_two_processes(tmp_path, *flags):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launcher, str(REPO / "recipes" / "train_lora.py"), *common, *flags], capture_output=True, text=True, env=env,
+    result = subprocess.run([*launcher, str(REPO / "recipes" / "train_lora.py"), *common(tmp_path), *flags], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def test_two_processes_with_resume_match_one_process_and_only_the_main_one_writes(tmp_path):
+def test_two_processes_with_resume_match_one_process_and_only_the_main_one_writes(tmp_path, monkeypatch):
     write_phantom_dataset(tmp_path / "data", num_images=8, seed=4, size=64)
-    run(tmp_path, 1, "--train_batch_size", "4", "--max_train_steps", "4", "--output_dir", str(tmp_path / "one"))
-    first = run(tmp_path, 2, "--train_batch_size", "2", "--max_train_steps", "2", "--output_dir", str(tmp_path / "two"))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the one-process reference runs here (no second startup), on the CPU as the two do
+    train([*common(tmp_path), "--train_batch_size", "4", "--max_train_steps", "4", "--output_dir", str(tmp_path / "one")])
+    first = run_two_processes(tmp_path, "--train_batch_size", "2", "--max_train_steps", "2", "--output_dir", str(tmp_path / "two"))
     assert "MULTI_CPU" in first.stderr and "Num processes: 2" in first.stderr
-    resumed = run(tmp_path, 2, "--train_batch_size", "2", "--max_train_steps", "4", "--output_dir", str(tmp_path / "two"),
-                  "--resume_from_checkpoint", "latest")
+    resumed = run_two_processes(tmp_path, "--train_batch_size", "2", "--max_train_steps", "4", "--output_dir", str(tmp_path / "two"),
+                                "--resume_from_checkpoint", "latest")
     assert "Resuming from" in resumed.stderr
 
     one, two = load_file(tmp_path / "one" / LORA_WEIGHTS_NAME), load_file(tmp_path / "two" / LORA_WEIGHTS_NAME)

@@ -39,8 +39,13 @@ def test_without_java_meteor_is_reported_missing_not_substituted(monkeypatch):
     assert "meteor" not in corpus and "Java" in notes["unavailable"]["meteor"] and "Java missing" in notes["tokenizer"]
 
 
+def without_java(monkeypatch):
+    """For checks of the CheXpert labels and F1 only: no JVM starts (PTB tokenizer, METEOR), which these numbers do not use."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+
+
 @pytest.mark.slow
-def test_clinical_f1_and_bootstrap_intervals():
+def test_clinical_f1_and_bootstrap_intervals(monkeypatch):
     result = evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=50)
     metrics = result["metrics"]
     perfect = evaluate_reports(REFERENCES, REFERENCES, bootstrap_samples=0)["metrics"]
@@ -50,19 +55,21 @@ def test_clinical_f1_and_bootstrap_intervals():
         low, high = entry["ci95"]
         assert low <= high and 0 <= low and (low <= entry["value"] <= high or entry["value"] == pytest.approx(low) or high - low < 1e-9)
     assert "uncertain (-1) counted as negative" in result["notes"]["chexpert_policy"]
+    without_java(monkeypatch)
     lenient = evaluate_reports(REFERENCES, PREDICTIONS, bootstrap_samples=0, uncertain="positive")
     assert lenient["labels"]["references"][2]["Pneumonia"] == -1.0  # "concerning for" is uncertain; policy decides how it counts
     assert lenient["metrics"]["chexpert_f1_micro_14"]["value"] != metrics["chexpert_f1_micro_14"]["value"]
 
 
 @pytest.mark.slow
-def test_eval_reports_and_label_commands(tmp_path, capsys):
+def test_eval_reports_and_label_commands(tmp_path, capsys, monkeypatch):
     (tmp_path / "refs.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "report": r}) + "\n" for i, r in enumerate(REFERENCES)))
     preds = list(enumerate(PREDICTIONS))[::-1]  # another order: matched by id
     (tmp_path / "preds.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "report": p}) + "\n" for i, p in preds))
     medfm(["eval", "reports", "--references", str(tmp_path / "refs.jsonl"), "--predictions", str(tmp_path / "preds.jsonl"),
            "--output_dir", str(tmp_path / "out"), "--bootstrap", "20"])
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    without_java(monkeypatch)
     assert saved["metrics"]["chexpert_f1_micro_14"]["value"] == evaluate_reports(REFERENCES, PREDICTIONS, 0)["metrics"]["chexpert_f1_micro_14"]["value"]
     rows = [json.loads(line) for line in (tmp_path / "out" / "per_report.jsonl").read_text().splitlines()]
     assert rows[3]["reference_labels"]["Pneumothorax"] == 1.0 and rows[3]["prediction"] == PREDICTIONS[3]

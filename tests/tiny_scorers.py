@@ -176,7 +176,7 @@ def rate_ner_deberta(seed: int = 0) -> dict[str, bytes]:
     tokenizer = DebertaV2Tokenizer(vocab=pieces, do_lower_case=True, model_max_length=512)
     torch.manual_seed(seed)
     config = DebertaV2Config(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                             max_position_embeddings=512, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                             max_position_embeddings=512, id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
                              initializer_range=1.0)  # wide weights: entities of several types
     with tempfile.TemporaryDirectory() as tmp:
         DebertaV2ForTokenClassification(config).save_pretrained(tmp)

@@ -70,7 +70,8 @@ HEDGE = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|likely|questio
 
 # Findings outside the 14 that still mean the study is not normal (CheXpert's no_finding phrase list, plus a few such as tortuous aorta).
 OTHER_FINDINGS = (r"emphysema\w*|hyperinfla\w*|hyperexpan\w*|hyperdisten\w*|arthrit\w*|lordosis|cysts?|cystic"
-                  r"|(?:increased|coarse\w*|accentuated) (?:bronchovascular|lung|pulmonary|vascular) markings|\bcopd\b|bullae|bullous|blunt\w*|elevat\w*|eventration|scoliosis|kyphosis|kyphoscoliosis"
+                  r"|(?:increased|coarse\w*|accentuated) (?:bronchovascular|lung|pulmonary|vascular) markings|\bcopd\b|bullae|bullous|blunt\w*"
+                  r"|elevat\w*|eventration|scoliosis|kyphosis|kyphoscoliosis"
                   r"|degenerat\w*|spondylo\w*|osteophyt\w*|calcifi\w*|granulom\w*|hernia|atherosclero\w*|osteopenia|metasta\w*|pneumomediastinum"
                   r"|pneumoperitoneum|cephalization|aspiration|contusion|bronchiectasis|bronchitis|bronchiolitis|airways? disease|cuffing"
                   r"|hemorrhage|hematoma|deformit\w*|volume loss|tortu\w*|ectatic|ectasia|pulmonary (?:arterial )?hypertension|hyperlucen\w*"

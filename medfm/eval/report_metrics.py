@@ -186,7 +186,8 @@ def evaluate_reports(references: list[str], predictions: list[str], bootstrap_sa
             corpus.update(chexpert_f1(*label_sets[name], prefix=name))
             clinical_labels |= {column: values for column, values in scores.items() if values.ndim == 2}
     if clinical:
-        notes["clinical_metrics"] = {name: {"package": METRICS[name].package, "weights": [w.repo_id + "".join(f"/{f}" for f in w.files) for w in METRICS[name].weights],
+        notes["clinical_metrics"] = {name: {"package": METRICS[name].package,
+                                            "weights": [w.repo_id + "".join(f"/{f}" for f in w.files) for w in METRICS[name].weights],
                                             "higher_is_better": METRICS[name].higher_is_better, "policy": METRICS[name].policy} for name in clinical}
 
     gts = {str(i): [_simple_tokenize(r) or "<empty>"] for i, r in enumerate(references)}

@@ -51,40 +51,41 @@ def _choice(options):
     return check
 
 
-def _likert(value, findings):
+def _whole_number(value, accepts, message: str) -> int:
+    """`value` as an int if it is a whole number that `accepts`, else AnswerError(message)."""
     try:
         number = int(value)
     except (TypeError, ValueError):
-        number = None
-    if number not in LIKERT or float(value) != number:
-        raise AnswerError("choose a score from 1 to 5")
+        raise AnswerError(message) from None
+    if not accepts(number) or float(value) != number:
+        raise AnswerError(message)
     return number
 
 
-def _findings(value, findings):
+def _listed(value, known, what: str, hint: str = "") -> list:
+    """`value` as a list, or AnswerError naming the items of it that are not in `known`."""
     value = list(value or [])
-    unknown = [v for v in value if v not in findings]
+    unknown = [v for v in value if v not in known]
     if unknown:
-        raise AnswerError(f"unknown findings {unknown}; the study lists {list(findings)}")
+        raise AnswerError(f"unknown {what} {unknown}{hint}")
+    return value
+
+
+def _likert(value, findings):
+    return _whole_number(value, lambda number: number in LIKERT, "choose a score from 1 to 5")
+
+
+def _findings(value, findings):
+    value = _listed(value, findings, "findings", f"; the study lists {list(findings)}")
     return sorted(value, key=list(findings).index)
 
 
 def _count(value, findings):
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise AnswerError("give a whole number of errors (0 or more)") from None
-    if number < 0 or float(value) != number:
-        raise AnswerError("give a whole number of errors (0 or more)")
-    return number
+    return _whole_number(value, lambda number: number >= 0, "give a whole number of errors (0 or more)")
 
 
 def _categories(value, findings):
-    value = list(value or [])
-    unknown = [v for v in value if v not in REPORT_ERROR_CATEGORIES]
-    if unknown:
-        raise AnswerError(f"unknown error categories {unknown}")
-    return value
+    return _listed(value, REPORT_ERROR_CATEGORIES, "error categories")
 
 
 def _comment(value, findings):

@@ -71,11 +71,7 @@ class DPOReportRecipe(ReportLoRARecipe):
         self.truncated_rows: set[str] = set()
 
     def training_step(self, batch: dict) -> torch.Tensor:
-        self.truncated_rows.update(batch.pop("truncated_rows"))
-        batch.pop("num_examples")
-        inputs = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.weight_dtype)
+        inputs = self._model_inputs(batch)
         logps, mask = token_logps(self.model, inputs)
         with torch.no_grad(), self.reference_policy():
             ref_logps, _ = token_logps(self.accelerator.unwrap_model(self.model), inputs)

@@ -85,10 +85,7 @@ class GRPOReportRecipe(ReportLoRARecipe):
         cfg, group = self.config, self.config.num_generations
         images = [study for study in batch["images"] for _ in range(group)]
         references = [reference for reference in batch["references"] for _ in range(group)]
-        prompts = encode_prompts(self.processor, self.family, [text for text in batch["instructions"] for _ in range(group)], images)
-        prompts = {k: v.to(self.accelerator.device) for k, v in prompts.items()}
-        if "pixel_values" in prompts and prompts["pixel_values"].is_floating_point():
-            prompts["pixel_values"] = prompts["pixel_values"].to(self.weight_dtype)
+        prompts = self._model_inputs(encode_prompts(self.processor, self.family, [text for text in batch["instructions"] for _ in range(group)], images))
         completion_ids = self.sample(prompts)
         mask = completion_mask(completion_ids, self.eos_token_id)
         completions = [text.strip() for text in self.processor.batch_decode(completion_ids * mask + self.collator.pad_token_id * (1 - mask),

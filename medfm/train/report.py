@@ -129,12 +129,17 @@ class ReportLoRARecipe(LoRARecipe):
     # ------------------------------------------------------------------------------------------------ train
     def training_step(self, batch: dict) -> torch.Tensor:
         """Next-token loss on the report tokens (everything else is labelled -100 by the collator), logits for those only."""
-        self.truncated_rows.update(batch.pop("truncated_rows"))
-        batch.pop("num_examples")
+        return report_token_loss(self.model, self._model_inputs(batch))
+
+    def _model_inputs(self, batch: dict) -> dict:
+        """What the model reads of a collated (or prompt) batch: its tensors on the device, floating pixel values in the weight
+        dtype; the collator's bookkeeping is taken out (the reports it cut to --max_length are recorded)."""
+        self.truncated_rows.update(batch.pop("truncated_rows", ()))
+        batch.pop("num_examples", None)
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.weight_dtype)
-        return report_token_loss(self.model, inputs)
+        return inputs
 
     def record_step_values(self, values: dict[str, float]) -> None:
         """A method's numbers for one batch (several per step with gradient accumulation), logged by step_logs."""

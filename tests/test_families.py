@@ -153,10 +153,11 @@ def test_resume_on_builtin_phantoms_gives_the_same_adapter_as_a_straight_run(nam
 
 
 # ---------------------------------------------------------------------------------------------------- objective consistency
-def overfit_and_sample(name: str, steps: int = 150) -> tuple[float, float]:
+def overfit_and_sample(name: str, steps: int = 200) -> tuple[float, float]:
     """Train a tiny base's whole denoiser with medfm's objective on one phantom and its caption, then sample that caption
     with the family's plain pipeline and scheduler. Returns (mean abs pixel error to the phantom's VAE reconstruction,
-    the same for the untrained base), pixels in [0, 1]."""
+    the same for the untrained base), pixels in [0, 1]. The learning rate falls linearly to 0: the last steps settle the
+    weights (at a constant rate the sample stays about twice as far off)."""
     family = DIFFUSION_FAMILIES[name]
     pipe = family.build_tiny()
     pipe.set_progress_bar_config(disable=True)
@@ -181,13 +182,15 @@ def overfit_and_sample(name: str, steps: int = 150) -> tuple[float, float]:
     denoiser = family.get_denoiser(pipe)
     denoiser.requires_grad_(True)
     denoiser.train()
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=2e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=4e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     for step in range(steps):
         noised = objective.noise(latents.repeat(4, 1, 1, 1), [torch.Generator().manual_seed(4 * step + i) for i in range(4)])
         loss = objective.loss(family.predict(pipe, denoiser, noised.latents, noised.timesteps, conditioning, cfg), noised)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     denoiser.eval()
     with torch.no_grad():
         return float(np.abs(sample() - reference).mean()), float(untrained)
@@ -205,23 +208,27 @@ def _wrong_target(objective_class):
     return noise
 
 
-# Only Sana has been shown to reproduce its phantom (150 steps; 0.027 after 800). Measured on an idle 2-core machine, pixel
-# error after 150 steps / untrained: SD3 0.143 / 0.146 (0.134 after 800 steps), Flux 0.139 / 0.153, SDXL 0.147 / 0.178,
-# PixArt-Σ 0.159 / 0.170, Lumina 2 0.129 / 0.155. For SD3 the training loss stalls near E|x0|^2 (the loss of a denoiser that
-# has not learned the image at all), so the cause is on the training side (predict/conditioning or the tiny config), not
-# only too few steps. Until that is found they are xfails that do not run (5-16 s each; pytest --runxfail runs them).
-UNPROVEN = pytest.mark.xfail(reason="not yet shown to reproduce its phantom (see the numbers above); not run: the suite is at its 15-minute budget", run=False)
+# The rectified-flow families reproduce their phantom (pixel error after 200 steps, where a random latent decodes 0.14-0.19
+# away: Sana 0.038, SD3 0.036, Flux 0.039, Lumina 2 0.040) since their tiny bases were fixed: the real
+# VAE scaling factors had left the tiny random VAE's latents at std 0.04-0.5 and the DiTs were as wide as one latent patch.
+# The DDPM families learn the noise (loss 0.64 -> 0.06 SDXL, 0.67 -> 0.08 PixArt-Σ) but their samples do not reach the bound: a noise error at high
+# timesteps is multiplied by 1/sqrt(alphas_cumprod) in the sampler's x0 (14x on SDXL's schedule, 170x on PixArt's linear one).
+# Pixel error after 200 steps: SDXL 0.109 (latent error 34% of the latent's energy), PixArt-Σ 0.142
+# (the DPM-Solver++ sample's std 3.2 for a unit-std target). Their predict matches their pipelines (time ids, pooled embeds,
+# learned-variance split); making them pass needs far more steps than a fast test has. xfails that do not run.
+DDPM_UNPROVEN = ("sdxl", "pixart-sigma")
+UNPROVEN = pytest.mark.xfail(reason="DDPM: not shown to reproduce its phantom in a fast test (see the numbers above); not run", run=False)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n if n == "sana" else pytest.param(n, marks=UNPROVEN) for n in DIT_FAMILIES])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=UNPROVEN) if n in DDPM_UNPROVEN else n for n in DIT_FAMILIES])
 def test_an_overfit_base_reproduces_its_phantom_through_the_plain_pipeline(name):
     error, untrained = overfit_and_sample(name)
     assert error < 0.05 and error < untrained / 3, (error, untrained)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sana"])  # the control means something only where the right target passes
+@pytest.mark.parametrize("name", [n for n in DIT_FAMILIES if n not in DDPM_UNPROVEN])  # it means something only where the right target passes
 def test_a_wrong_training_target_fails_the_consistency_check(name, monkeypatch):
     objective = type(DIFFUSION_FAMILIES[name].make_objective(DIFFUSION_FAMILIES[name].build_tiny(), TrainConfig()))
     monkeypatch.setattr(objective, "noise", _wrong_target(objective))

@@ -39,6 +39,9 @@ from .tokenizers import clip_tokenizer, gemma_tokenizer, t5_tokenizer
 TINY_RESOLUTION = 64
 TINY_CLIP_MERGES = 8000  # as the built-in tiny SD: report words split into whole or near-whole pieces
 LATENT_SIZE = 8  # 64 px through a factor-8 VAE, as every real base here but Sana (factor 32)
+# 1 / std of the random tiny KL VAE's phantom latents (about 0.3), as a real base's factor is 1 / std of its VAE's latents: the
+# denoiser sees unit-variance latents. The real factors (SDXL 0.13025, SD3 1.5035) left them at std 0.04 / 0.5, too faint to learn fast.
+TINY_VAE_SCALING_FACTOR = 3.2
 
 
 def _as_loaded(pipe: DiffusionPipeline) -> DiffusionPipeline:
@@ -78,12 +81,13 @@ def _gemma2_encoder(tokenizer, hidden_size: int = 32) -> Gemma2Model:
     )
 
 
-def _vae(latent_channels: int, flow: bool = False, scaling_factor: float = 0.13025) -> AutoencoderKL:
-    """A factor-8 AutoencoderKL; `flow=True` is the SD3/Flux layout (no quant convs, shift and scale factors)."""
-    shift = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035) if flow else dict(scaling_factor=scaling_factor)
+def _vae(latent_channels: int, flow: bool = False) -> AutoencoderKL:
+    """A factor-8 AutoencoderKL; `flow=True` is the SD3/Flux layout (no quant convs, a shift factor)."""
+    shift = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609) if flow else {}
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=TINY_RESOLUTION, **shift,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=TINY_RESOLUTION,
+        scaling_factor=TINY_VAE_SCALING_FACTOR, **shift,
     )
 
 
@@ -123,9 +127,9 @@ def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_2 = _clip_text_encoder(tokenizer, 32, with_projection=True)
         text_encoder_3 = _t5_encoder(t5, d_model=64)
         transformer = SD3Transformer2DModel(
-            sample_size=LATENT_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=2,
+            sample_size=LATENT_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=4,
             joint_attention_dim=64,  # T5's width; the two CLIP sequences (32 + 32) are zero-padded to it, as in SD3
-            caption_projection_dim=64, pooled_projection_dim=32 + 32, pos_embed_max_size=16,
+            caption_projection_dim=128, pooled_projection_dim=32 + 32, pos_embed_max_size=4,
         )
         vae = _vae(16, flow=True)
     pipe = StableDiffusion3Pipeline(
@@ -148,7 +152,7 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline
         text_encoder = _clip_text_encoder(tokenizer, 32, with_projection=False)
         text_encoder_2 = _t5_encoder(t5, d_model=64)
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16 * 4, num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+            patch_size=1, in_channels=16 * 4, num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
             joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(8, 12, 12),
         )
         vae = _vae(16, flow=True)
@@ -216,7 +220,7 @@ def build_tiny_lumina2(seed: int = 0) -> Lumina2Pipeline:
         tokenizer = gemma_tokenizer()
         text_encoder = _gemma2_encoder(tokenizer, hidden_size=32)
         transformer = Lumina2Transformer2DModel(
-            sample_size=LATENT_SIZE, patch_size=2, in_channels=16, hidden_size=64, num_layers=2, num_refiner_layers=1, num_attention_heads=2,
+            sample_size=LATENT_SIZE, patch_size=2, in_channels=16, hidden_size=128, num_layers=2, num_refiner_layers=1, num_attention_heads=4,
             num_kv_heads=1, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(8, 12, 12), axes_lens=(300, 32, 32), cap_feat_dim=32,
         )
         vae = _vae(16, flow=True)

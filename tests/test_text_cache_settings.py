@@ -58,7 +58,7 @@ def test_changing_an_encode_setting_misses_the_text_cache(name, bases, tmp_path,
     again, _, _ = cached_text(bases(name), cache, first_length)
     assert again == first  # the same settings hit
     if change == "instruction":  # what SanaPipeline prepends (a diffusers default) changes
-        monkeypatch.setattr("medfm.models.families.sana.COMPLEX_HUMAN_INSTRUCTION", ["Given a report, draw the chest radiograph:"])
+        monkeypatch.setitem(DIFFUSION_FAMILIES["sana"].encode_prompt_kwargs, "complex_human_instruction", ["Given a report, draw the chest radiograph:"])
     second, new, recipe = cached_text(bases(name), cache, second_length, change if callable(change) else lambda recipe: None)
     assert len(second - first) == 3  # every caption encoded again, nothing read from the old entries
     fresh = recipe.family.encode_prompts(recipe.pipe, [recipe.dataset.text(0)], second_length)

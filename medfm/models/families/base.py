@@ -78,6 +78,9 @@ class DiffusionFamily:
         return tokenizer, length - tokenizer.num_special_tokens_to_add()
 
     def default_max_sequence_length(self, pipe) -> int:
+        """The pipeline call's own default where it has one (T5/Gemma families), else the prompt tokenizer's limit (CLIP)."""
+        if "max_sequence_length" in inspect.signature(self.pipeline_class.__call__).parameters:
+            return call_default(self.pipeline_class, "max_sequence_length")
         return getattr(pipe, self.prompt_tokenizer).model_max_length
 
     def encode_prompts(self, pipe, texts: list[str], max_sequence_length: int | None) -> dict[str, torch.Tensor]:
@@ -197,6 +200,22 @@ def tokenizer_identity(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(f"{type(tokenizer).__name__}\0{tokenizer.model_max_length}\0{text}".encode()).hexdigest()
+
+
+class MaskedPromptFamily(DiffusionFamily):
+    """Families whose denoiser reads one encoder's per-token embeddings and its attention mask (T5/Gemma: Sana, PixArt-Σ,
+    Lumina 2); `encode_prompt_kwargs` are the pipeline's own encode_prompt options the family fixes."""
+
+    encode_prompt_kwargs: dict = {}
+
+    def encode_prompts(self, pipe, texts, max_sequence_length=None):
+        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=pipe.text_encoder.device,
+                                                max_sequence_length=max_sequence_length or self.default_max_sequence_length(pipe),
+                                                **self.encode_prompt_kwargs)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    def prompt_settings(self, pipe, max_sequence_length):
+        return {**super().prompt_settings(pipe, max_sequence_length), **self.encode_prompt_kwargs}
 
 
 def call_default(pipeline_class, argument: str):

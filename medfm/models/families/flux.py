@@ -7,11 +7,10 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import DiffusionFamily, call_default
+from .base import DiffusionFamily
 from .registry import register
 from .sd3 import JOINT_ATTENTION_CONTEXT
 
-DEFAULT_MAX_SEQUENCE_LENGTH = call_default(FluxPipeline, "max_sequence_length")
 QKV = (("to_q", 1), ("to_k", 1), ("to_v", 1))  # (part, output width in units of the model width) of a fused BFL linear, in order
 # The kohya-ss sd-scripts layout of Flux LoRA files (BFL module names: ComfyUI, Forge, sd-scripts), as diffusers'
 # _convert_kohya_flux_lora_to_diffusers reads it. BFL fuses q, k, v (and, in single blocks, the MLP input) into one linear.
@@ -45,11 +44,9 @@ class Flux(DiffusionFamily):
     kohya_layout = KOHYA_LAYOUT
     recipe = "recipes/configs/flux1-dev-mimic-cxr-qlora.yaml"
 
-    def default_max_sequence_length(self, pipe) -> int:
-        return DEFAULT_MAX_SEQUENCE_LENGTH
-
     def encode_prompts(self, pipe, texts, max_sequence_length=None):
-        embeds, pooled, _ = pipe.encode_prompt(texts, None, device=pipe.text_encoder.device, max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
+        embeds, pooled, _ = pipe.encode_prompt(texts, None, device=pipe.text_encoder.device,
+                                               max_sequence_length=max_sequence_length or self.default_max_sequence_length(pipe))
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, pipe, denoiser, latents, timesteps, conditioning, cfg):

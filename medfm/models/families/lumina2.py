@@ -5,26 +5,16 @@ from __future__ import annotations
 
 from diffusers import Lumina2Pipeline
 
-from .base import DiffusionFamily, call_default
+from .base import MaskedPromptFamily
 from .registry import register
 
-DEFAULT_MAX_SEQUENCE_LENGTH = call_default(Lumina2Pipeline, "max_sequence_length")
 
-
-class Lumina2(DiffusionFamily):
+class Lumina2(MaskedPromptFamily):
     name = "lumina2"
     display_name = "Lumina Image 2.0"
     pipeline_class = Lumina2Pipeline
     pipeline_class_names = ("Lumina2Pipeline", "Lumina2Text2ImgPipeline")
     large_text_encoders = ("text_encoder",)
-
-    def default_max_sequence_length(self, pipe) -> int:
-        return DEFAULT_MAX_SEQUENCE_LENGTH
-
-    def encode_prompts(self, pipe, texts, max_sequence_length=None):
-        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=pipe.text_encoder.device,
-                                                max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
-        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     def prompt_settings(self, pipe, max_sequence_length):
         """The system prompt Lumina2Pipeline puts before every caption (`pipe.system_prompt`, what encode_prompt reads) is part of the text."""

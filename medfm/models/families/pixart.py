@@ -12,16 +12,15 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ...paths import with_default_mode
-from .base import DiffusionFamily, call_default
+from .base import MaskedPromptFamily
 from .registry import register
 
-DEFAULT_MAX_SEQUENCE_LENGTH = call_default(PixArtSigmaPipeline, "max_sequence_length")
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's own file names, so PeftModel.from_pretrained reads the folder
 PEFT_PREFIX = "base_model.model."  # keys as PeftModel.save_pretrained writes them
 CLEAN_CAPTION = False  # reports as written (their truncation counted these tokens); a plain pipe(prompt) cleans where bs4 and ftfy are installed
 
 
-class PixArtSigma(DiffusionFamily):
+class PixArtSigma(MaskedPromptFamily):
     name = "pixart-sigma"
     display_name = "PixArt-Σ"
     pipeline_class = PixArtSigmaPipeline
@@ -31,17 +30,7 @@ class PixArtSigma(DiffusionFamily):
     objective_summary = "DDPM noise (epsilon) prediction (the transformer's learned-variance half is dropped)"
     lora_loader = "peft"
     recipe = "recipes/configs/pixart-sigma-mimic-cxr.yaml"
-
-    def default_max_sequence_length(self, pipe) -> int:
-        return DEFAULT_MAX_SEQUENCE_LENGTH
-
-    def encode_prompts(self, pipe, texts, max_sequence_length=None):
-        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=pipe.text_encoder.device,
-                                                max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH, clean_caption=CLEAN_CAPTION)
-        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
-
-    def prompt_settings(self, pipe, max_sequence_length):
-        return {**super().prompt_settings(pipe, max_sequence_length), "clean_caption": CLEAN_CAPTION}
+    encode_prompt_kwargs = {"clean_caption": CLEAN_CAPTION}
 
     def pipeline_kwargs(self, max_sequence_length):
         return {"use_resolution_binning": False, "clean_caption": CLEAN_CAPTION, **super().pipeline_kwargs(max_sequence_length)}

@@ -7,36 +7,24 @@ import torch
 from diffusers import SanaPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import DiffusionFamily, call_default
+from .base import MaskedPromptFamily, call_default
 from .registry import register
 
-DEFAULT_MAX_SEQUENCE_LENGTH = call_default(SanaPipeline, "max_sequence_length")
 COMPLEX_HUMAN_INSTRUCTION = call_default(SanaPipeline, "complex_human_instruction")  # what a plain pipe(prompt) prepends
 
 
-class Sana(DiffusionFamily):
+class Sana(MaskedPromptFamily):
     name = "sana"
     display_name = "Sana"
     pipeline_class = SanaPipeline
     pipeline_class_names = ("SanaPipeline",)
     large_text_encoders = ("text_encoder",)
     recipe = "recipes/configs/sana-0.6b-mimic-cxr.yaml"
-
-    def default_max_sequence_length(self, pipe) -> int:
-        return DEFAULT_MAX_SEQUENCE_LENGTH
+    encode_prompt_kwargs = {"complex_human_instruction": COMPLEX_HUMAN_INSTRUCTION}
 
     def prompt_token_limit(self, pipe, max_sequence_length):
         """The pipeline keeps the instruction's first token and the last max_sequence_length - 1 tokens: the report gets max_sequence_length - 2."""
-        return pipe.tokenizer, (max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH) - 2
-
-    def encode_prompts(self, pipe, texts, max_sequence_length=None):
-        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=pipe.text_encoder.device,
-                                                max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
-                                                complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION)
-        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
-
-    def prompt_settings(self, pipe, max_sequence_length):
-        return {**super().prompt_settings(pipe, max_sequence_length), "complex_human_instruction": COMPLEX_HUMAN_INSTRUCTION}
+        return pipe.tokenizer, (max_sequence_length or self.default_max_sequence_length(pipe)) - 2
 
     def pipeline_kwargs(self, max_sequence_length):
         """Render at the asked size (no aspect-ratio binning), prompts encoded as in training."""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from diffusers import StableDiffusion3Pipeline
 
-from .base import DiffusionFamily, call_default
+from .base import DiffusionFamily
 from .registry import register
 
-DEFAULT_MAX_SEQUENCE_LENGTH = call_default(StableDiffusion3Pipeline, "max_sequence_length")
 JOINT_ATTENTION_CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]  # the text stream's attention projections
 
 
@@ -21,12 +20,9 @@ class StableDiffusion3(DiffusionFamily):
     prompt_tokenizer = "tokenizer_3"
     recipe = "recipes/configs/sd35-medium-mimic-cxr.yaml"
 
-    def default_max_sequence_length(self, pipe) -> int:
-        return DEFAULT_MAX_SEQUENCE_LENGTH
-
     def encode_prompts(self, pipe, texts, max_sequence_length=None):
         embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=pipe.text_encoder.device, do_classifier_free_guidance=False,
-                                                  max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
+                                                  max_sequence_length=max_sequence_length or self.default_max_sequence_length(pipe))
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, pipe, denoiser, latents, timesteps, conditioning, cfg):

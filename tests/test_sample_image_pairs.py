@@ -49,7 +49,7 @@ def test_cli_loads_the_scorer_by_dotted_path(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS))
     output = tmp_path / "prefs.jsonl"
-    medfm(["pairs", "--task", "text-to-image", "--adapter", ADAPTER, "--prompts", str(prompts), "--scorer", "tests.test_sample_image_pairs:brightness",
+    medfm(["pairs", "--task", "text-to-image", "--adapter", ADAPTER, "--prompts", str(prompts), "--scorer", f"{__name__}:brightness",
            "--output", str(output), "--num_samples", "2", "--num_inference_steps", "2", "--resolution", "64", "--margin", "0"])
     assert '"pairs": 2' in capsys.readouterr().out and len(output.read_text().splitlines()) == 2
     with pytest.raises(SystemExit, match="--scorer"):

@@ -51,13 +51,13 @@ def held_out_phantoms(count: int, seed: int, size: int) -> list[tuple[np.ndarray
     return [make_phantom(seed * 1_000_003 + i, size) for i in range(count)]
 
 
-def generate(pipe, prompts: list[str], steps: int, guidance: float, batch_size: int = 16) -> torch.Tensor:
-    """uint8 (N, 3, H, W), one image per prompt, image i from seed i (batched: one generator per image)."""
+def generate(pipe, prompts: list[str], steps: int, guidance: float, batch_size: int = 16, seed: int = 0) -> torch.Tensor:
+    """uint8 (N, 3, H, W), one image per prompt, image i from seed `seed * 100_000 + i` (batched: one generator per image)."""
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(start + i) for i in range(len(batch))]
+        generators = [torch.Generator().manual_seed(seed * 100_000 + start + i) for i in range(len(batch))]
         images.append(pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="np").images)
     return torch.from_numpy(np.round(np.concatenate(images) * 255).astype(np.uint8)).permute(0, 3, 1, 2)
 
@@ -74,20 +74,31 @@ def save_figure(images: torch.Tensor, path: Path) -> None:
     Image.fromarray(grid.numpy()).save(path)
 
 
-def text_to_image(args) -> str:
-    size = 128
-    real = held_out_phantoms(args.num_real, args.seed, size)
+def finding_classifier(num_real: int, seed: int, epochs: int, size: int = 128) -> tuple[torch.Tensor, torch.nn.Module, float, float]:
+    """(`num_real` held-out real phantoms as uint8, a ResNet-18 trained on the first 3/4 of them to detect the finding, its
+    true- and false-positive rates on the rest)."""
+    real = held_out_phantoms(num_real, seed, size)
     real_uint8 = torch.stack([to_uint8_rgb(image, size) for image, _ in real])
     has = torch.tensor([[float(record[FINDING] == 1.0)] for _, record in real])
-    train, test = slice(0, args.num_real * 3 // 4), slice(args.num_real * 3 // 4, None)
-    classifier = train_classifier(classifier_input(real_uint8[train]), has[train], epochs=args.classifier_epochs)
+    train, test = slice(0, num_real * 3 // 4), slice(num_real * 3 // 4, None)
+    classifier = train_classifier(classifier_input(real_uint8[train]), has[train], epochs=epochs)
     real_scores = predict(classifier, classifier_input(real_uint8[test]))[:, 0]
-    true_positive_rate = float((real_scores[has[test, 0] == 1] > 0.5).float().mean())
-    false_positive_rate = float((real_scores[has[test, 0] == 0] > 0.5).float().mean())
+    return real_uint8, classifier, float((real_scores[has[test, 0] == 1] > 0.5).float().mean()), float((real_scores[has[test, 0] == 0] > 0.5).float().mean())
 
-    prompts_all = [record["impression"] for _, record in held_out_phantoms(args.num_generated, args.seed + 1, 16)]
-    prompts_finding = [record["impression"] for _, record in held_out_phantoms(args.num_generated * 4, args.seed + 2, 16)
-                       if record[FINDING] == 1.0][: args.num_finding_prompts]
+
+def evaluation_prompts(num_generated: int, num_finding_prompts: int, seed: int) -> tuple[list[str], list[str]]:
+    """(impressions of `num_generated` held-out phantoms, for FID; up to `num_finding_prompts` held-out impressions that ask for the finding)."""
+    prompts_all = [record["impression"] for _, record in held_out_phantoms(num_generated, seed + 1, 16)]
+    prompts_finding = [record["impression"] for _, record in held_out_phantoms(num_generated * 4, seed + 2, 16)
+                       if record[FINDING] == 1.0][:num_finding_prompts]
+    return prompts_all, prompts_finding
+
+
+def text_to_image(args) -> str:
+    size = 128
+    real_uint8, classifier, true_positive_rate, false_positive_rate = finding_classifier(args.num_real, args.seed, args.classifier_epochs, size)
+    train = slice(0, args.num_real * 3 // 4)
+    prompts_all, prompts_finding = evaluation_prompts(args.num_generated, args.num_finding_prompts, args.seed)
     extractor = InceptionFeatures()
     real_features = extract_features(real_uint8, extractor)
     base = base_of_adapter(args.adapter)

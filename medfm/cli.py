@@ -126,6 +126,8 @@ def _record(args, kind: str, metrics: dict, data: str) -> None:
 def _pairs(args) -> None:
     import json
 
+    if args.task == "text-to-image":
+        return _image_pairs(args)
     from .sample_pairs import make_preference_pairs
 
     counts = make_preference_pairs(args.adapter, args.output, num_samples=args.num_samples, reward=args.reward, margin=args.margin,
@@ -134,6 +136,22 @@ def _pairs(args) -> None:
                                    train_data_file=args.train_data_file, image_root=args.image_root, phantom_num_images=args.phantom_num_images)
     print(json.dumps(counts))
     print(f"Wrote {counts['pairs']} preference pairs to {args.output} (train on them: --method dpo --train_data_file {args.output})")
+
+
+def _image_pairs(args) -> None:
+    import json
+
+    from .generate import read_prompts
+    from .sample_image_pairs import load_scorer, make_image_preference_pairs
+
+    if not args.prompts or not args.scorer:
+        raise SystemExit("medfm pairs --task text-to-image needs --prompts (a .jsonl/.csv with `text`) and --scorer (package.module:function)")
+    counts = make_image_preference_pairs(args.adapter, [row["text"] for row in read_prompts(args.prompts)], args.output, load_scorer(args.scorer),
+                                         num_samples=args.num_samples, margin=args.margin, num_inference_steps=args.num_inference_steps,
+                                         guidance_scale=args.guidance_scale, seed=args.seed, resolution=args.resolution)
+    print(json.dumps(counts))
+    print(f"Wrote {counts['pairs']} image preference pairs to {args.output} (train on them: --task text-to-image --method dpo "
+          f"--init_adapter {args.adapter} --train_data_file {args.output})")
 
 
 def _push(args) -> None:
@@ -353,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import _KeyValues
 
     pairs = commands.add_parser("pairs", help="Preference pairs for --method dpo: sample reports with an adapter, score them, keep best vs worst.")
-    pairs.add_argument("--adapter", required=True, help="Report adapter (folder or Hub id) that samples the reports.")
+    pairs.add_argument("--adapter", required=True, help="Report adapter (folder or Hub id) that samples the reports (text-to-image: the images).")
     pairs.add_argument("--output", required=True, help="JSONL to write (TRL's format: images, prompt, chosen, rejected).")
     pairs.add_argument("--train_data_dir", help="Studies with reference reports, as for training (default: the built-in phantoms).")
     pairs.add_argument("--train_data_file")
@@ -369,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--max_new_tokens", type=int, default=128)
     pairs.add_argument("--batch_size", type=int, default=8, help="Studies sampled together.")
     pairs.add_argument("--seed", type=int, default=0, help="Fixes sampling.")
+    pairs.add_argument("--task", choices=["report", "text-to-image"], default="report",
+                       help="text-to-image: sample images with a text-to-image adapter for --prompts, judge them with --scorer (Diffusion-DPO pairs).")
+    pairs.add_argument("--prompts", help="text-to-image: prompts (.jsonl/.csv with a `text` column).")
+    pairs.add_argument("--scorer", help="text-to-image: `package.module:function` taking (PIL images, prompts), returning one score per image "
+                                        "(higher is better; e.g. 1/0 from a classifier for the asked-for finding).")
+    pairs.add_argument("--num_inference_steps", type=int, default=25, help="text-to-image: denoising steps.")
+    pairs.add_argument("--guidance_scale", type=float, default=7.5, help="text-to-image only.")
+    pairs.add_argument("--resolution", type=int, help="text-to-image: image side in px (default: the base's native size).")
     pairs.set_defaults(run=_pairs)
 
     push = commands.add_parser("push", help="Upload an adapter folder to a Hub model repo (token from HF_TOKEN or `hf auth login`).")

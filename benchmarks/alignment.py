@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from left_out_finding import held_out_phantoms  # benchmarks/, next to this script
-from results import write_section
+from results import launch, write_section
 
 from medfm.data.report_batches import full_instruction
 from medfm.data.studies import to_pil_rgb
@@ -47,15 +47,6 @@ DPO_FLAGS = ["--config", "recipes/configs/demo-report.yaml", "--method", "dpo", 
              "--learning_rate", "5e-5", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--beta", "0.1", "--validation_steps", "100"]
 SMOKE_TRAIN = ["--max_train_steps", "2", "--phantom_num_images", "16", "--num_validation_samples", "0", "--checkpointing_steps", "1000"]
 ARMS = ("sft", "grpo", "grpo-no-length", "dpo")
-
-
-def launch(flags: list[str]) -> float:
-    """One training run through accelerate launch; returns its wall-clock seconds."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "recipes/train_lora.py", *flags]
-    print("+", " ".join(command[2:]), file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
-    return time.perf_counter() - start
 
 
 def train(arm: str, seed: int, runs: Path, smoke: bool) -> tuple[str, float]:

@@ -23,15 +23,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from left_out_finding import FINDING, classifier_input, evaluation_prompts, finding_classifier, generate  # benchmarks/, next to this script
-from results import write_section
+from results import launch, write_section
 
 from medfm.data.phantom import make_phantom
 from medfm.eval.features import InceptionFeatures, extract_features
@@ -43,15 +41,6 @@ from medfm.sample_image_pairs import make_image_preference_pairs
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS-diffusion-dpo.md")
 SFT_ADAPTER = "adapters/phantom-text-to-image"
-
-
-def launch(flags: list[str]) -> float:
-    """One training run through accelerate launch; returns its wall-clock seconds."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "recipes/train_lora.py", *flags]
-    print("+", " ".join(command[2:]), file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
-    return time.perf_counter() - start
 
 
 def judge(args):

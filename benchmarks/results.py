@@ -8,8 +8,11 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_section(path: Path, header: str, title: str, body: str) -> None:
@@ -63,3 +66,12 @@ def arms_table(runs: dict[str, list[dict]], labels: dict[str, str], measures: di
 def write_runs_json(path: str | Path, machine: str, args, runs: dict[str, list[dict]], table: str) -> None:
     """Every run of every arm, the arguments and the table, for more than the medians."""
     Path(path).write_text(json.dumps({"machine": machine, "args": vars(args), "runs": runs, "table": table}, indent=1, default=str))
+
+
+def launch(flags: list[str]) -> float:
+    """One training run (`recipes/train_lora.py FLAGS`, from the repository root) through accelerate launch; returns its wall-clock seconds."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "recipes/train_lora.py", *flags]
+    print("+", " ".join(command[2:]), file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    return time.perf_counter() - start

@@ -4,7 +4,7 @@
     python benchmarks/alignment.py --arms sft grpo --seeds 0
     python benchmarks/alignment.py --smoke --results /tmp/RESULTS.md   # tiny sizes: checks the commands run, measures nothing
     python benchmarks/alignment.py --arms grpo --seeds 1 & python benchmarks/alignment.py --arms grpo --seeds 2   # in parallel,
-    python benchmarks/alignment.py --reuse                  # then the table over everything measured so far
+    python benchmarks/alignment.py --reuse                  # then the table over what has been measured (trains nothing)
 
 Arms (each trained with `accelerate launch recipes/train_lora.py`, as a user would):
 - sft: adapters/phantom-report as shipped (no training; the starting point of the others).
@@ -129,8 +129,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=REPO / "benchmarks" / "runs" / "alignment", help="where the trained adapters go")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every arm runs (the numbers mean nothing)")
-    parser.add_argument("--reuse", action="store_true", help="take an arm and seed already measured under --runs with the same evaluation settings "
-                        "instead of training it again (e.g. seeds run as parallel invocations, then one call with --reuse writes the table)")
+    parser.add_argument("--reuse", action="store_true", help="train nothing: the table over the arms and seeds already measured under --runs with "
+                        "the same evaluation settings (e.g. seeds run as parallel invocations, then one call with --reuse writes the table)")
     args = parser.parse_args()
     if args.smoke:
         args.num_images, args.max_new_tokens = min(args.num_images, 8), min(args.max_new_tokens, 16)
@@ -139,8 +139,11 @@ def main() -> None:
     for arm in args.arms:
         for seed in ([0] if arm == "sft" else args.seeds):
             record = args.runs / f"{arm}-seed{seed}.json"  # one run's result: lets arms and seeds run as separate (parallel) invocations
-            if args.reuse and record.is_file() and json.loads(record.read_text())["protocol"] == protocol:
-                results.append(json.loads(record.read_text()))
+            if args.reuse:
+                if record.is_file() and json.loads(record.read_text())["protocol"] == protocol:
+                    results.append(json.loads(record.read_text()))
+                else:
+                    print(f"{arm} seed {seed}: not measured under {args.runs} with these settings; left out", file=sys.stderr)
                 continue
             adapter, minutes = train(arm, seed, args.runs, args.smoke)
             results.append({"arm": arm, "seed": seed, "adapter": adapter, "minutes": minutes, "protocol": protocol,

@@ -69,3 +69,19 @@ def phantom_folders(tmp_path_factory):
         return made[num_images]
 
     return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory):
+    """tiny_bases(family): a tiny diffusion pipeline folder written by plain `save_pretrained`, built once per session and family."""
+    from medfm.models.families import DIFFUSION_FAMILIES
+
+    root, built = tmp_path_factory.mktemp("tiny-bases"), {}
+
+    def folder(name: str) -> str:
+        if name not in built:
+            built[name] = root / name
+            DIFFUSION_FAMILIES[name].build_tiny().save_pretrained(built[name])
+        return str(built[name])
+
+    return folder

@@ -40,20 +40,6 @@ PLAIN_CALL = {
 
 
 @pytest.fixture(scope="module")
-def tiny_bases(tmp_path_factory):
-    """Tiny pipeline folders written by plain `save_pretrained`, built once per family on first use."""
-    root, built = tmp_path_factory.mktemp("bases"), {}
-
-    def folder(name: str) -> str:
-        if name not in built:
-            built[name] = root / name
-            DIFFUSION_FAMILIES[name].build_tiny().save_pretrained(built[name])
-        return str(built[name])
-
-    return folder
-
-
-@pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
     return str(write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), num_images=4, seed=3, size=64))
 

@@ -113,19 +113,6 @@ FLUX_DOUBLE_BLOCK = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.att
                      "single_transformer_blocks.0.proj_out"]
 
 
-@pytest.fixture(scope="module")
-def family_bases(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("family-bases"), {}
-
-    def folder(name):
-        if name not in built:
-            built[name] = root / name
-            DIFFUSION_FAMILIES[name].build_tiny().save_pretrained(built[name])
-        return built[name]
-
-    return folder
-
-
 def random_adapter(family_name, base, folder, targets, rank=4, alpha=8):
     """A family's adapter as medfm saves it, its LoRA up matrices drawn at random (a trained adapter's are not zero)."""
     family = DIFFUSION_FAMILIES[family_name]
@@ -151,8 +138,8 @@ def flux_images(base, lora=None):
                 output_type="np").images, pipe
 
 
-def test_flux_kohya_export_in_bfl_names_loads_through_diffusers_with_identical_images(family_bases, tmp_path):
-    base = family_bases("flux")
+def test_flux_kohya_export_in_bfl_names_loads_through_diffusers_with_identical_images(tiny_bases, tmp_path):
+    base = tiny_bases("flux")
     adapter = random_adapter("flux", base, tmp_path / "adapter", FLUX_DOUBLE_BLOCK)
     target = tmp_path / "flux_kohya.safetensors"
     medfm(["export", str(adapter), "--format", "kohya", "--output", str(target)])
@@ -172,17 +159,17 @@ def test_flux_kohya_export_in_bfl_names_loads_through_diffusers_with_identical_i
     np.testing.assert_allclose(kohya, medfm_format, atol=1e-5)
 
 
-def test_flux_single_block_attention_at_a_width_the_kohya_readers_do_not_know_is_refused(family_bases, tmp_path):
+def test_flux_single_block_attention_at_a_width_the_kohya_readers_do_not_know_is_refused(tiny_bases, tmp_path):
     """diffusers reads a single block's fused linear1 only at FLUX.1's widths (3072); a tiny base's is refused by name, not written."""
-    adapter = random_adapter("flux", family_bases("flux"), tmp_path / "adapter", ["to_q", "to_k", "to_v"])
+    adapter = random_adapter("flux", tiny_bases("flux"), tmp_path / "adapter", ["to_q", "to_k", "to_v"])
     with pytest.raises(ValueError, match="diffusers cannot read this adapter back from the Flux.1 kohya layout"):
         medfm(["export", str(adapter), "--format", "kohya", "--output", str(tmp_path / "out.safetensors")])
     assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.parametrize("name", ["sd3", "sana", "lumina2", "pixart-sigma"])
-def test_families_without_an_established_kohya_layout_name_the_portable_folder(name, family_bases, tmp_path):
-    adapter = random_adapter(name, family_bases(name), tmp_path / "adapter", ["to_q"])
+def test_families_without_an_established_kohya_layout_name_the_portable_folder(name, tiny_bases, tmp_path):
+    adapter = random_adapter(name, tiny_bases(name), tmp_path / "adapter", ["to_q"])
     folder_format = "PEFT" if name == "pixart-sigma" else "diffusers"
     display = re.escape(DIFFUSION_FAMILIES[name].display_name)
     portable = rf"{display} adapters have no kohya/ComfyUI LoRA layout.*the adapter folder \({folder_format} format\) is the portable"
@@ -190,7 +177,7 @@ def test_families_without_an_established_kohya_layout_name_the_portable_folder(n
         medfm(["export", str(adapter), "--format", "kohya"])
 
 
-def test_flux_single_block_attention_at_flux1_width_reads_back_through_diffusers(family_bases, tmp_path):
+def test_flux_single_block_attention_at_flux1_width_reads_back_through_diffusers(tiny_bases, tmp_path):
     """At FLUX.1's width (3072) a single block's q, k, v LoRAs go into BFL's fused linear1 (q, k, v, MLP input): diffusers' reader
     gives back each one's update and a zero one for the MLP input. Only the LoRA tensors are made: no 12B model needed."""
     width, rank, alpha = 3072, 4, 8
@@ -201,7 +188,7 @@ def test_flux_single_block_attention_at_flux1_width_reads_back_through_diffusers
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v"])
     FluxPipeline.save_lora_weights(adapter, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict(),
                                    weight_name="pytorch_lora_weights.safetensors")
-    (adapter / "training_config.yaml").write_text(yaml.safe_dump({"task": "text-to-image", "pretrained_model_name_or_path": str(family_bases("flux"))}))
+    (adapter / "training_config.yaml").write_text(yaml.safe_dump({"task": "text-to-image", "pretrained_model_name_or_path": str(tiny_bases("flux"))}))
     target = tmp_path / "flux_kohya.safetensors"
     medfm(["export", str(adapter), "--format", "kohya", "--output", str(target)])
     weights = load_file(target)

@@ -12,19 +12,6 @@ from medfm.train.text_to_image import TextToImageLoRARecipe
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("bases"), {}
-
-    def folder(name):
-        if name not in built:
-            built[name] = root / name
-            DIFFUSION_FAMILIES[name].build_tiny().save_pretrained(built[name])
-        return str(built[name])
-
-    return folder
-
-
 def cached_text(base, cache, max_sequence_length, change=lambda recipe: None):
     """Set up a recipe on 3 phantoms with a text cache; returns (cache files, {batch key: embeddings of example 0}, recipe)."""
     args = ["--pretrained_model_name_or_path", base, "--output_dir", str(cache.parent / "run"), "--resolution", "64", "--phantom_num_images", "3",
@@ -50,16 +37,16 @@ CHANGES = {  # family: (first length, second length, change applied to the secon
 
 
 @pytest.mark.parametrize("name", list(CHANGES))
-def test_changing_an_encode_setting_misses_the_text_cache(name, bases, tmp_path, monkeypatch):
+def test_changing_an_encode_setting_misses_the_text_cache(name, tiny_bases, tmp_path, monkeypatch):
     first_length, second_length, change = CHANGES[name]
     cache = tmp_path / "cache"
-    first, old, _ = cached_text(bases(name), cache, first_length)
+    first, old, _ = cached_text(tiny_bases(name), cache, first_length)
     assert len(first) == 3
-    again, _, _ = cached_text(bases(name), cache, first_length)
+    again, _, _ = cached_text(tiny_bases(name), cache, first_length)
     assert again == first  # the same settings hit
     if change == "instruction":  # what SanaPipeline prepends (a diffusers default) changes
         monkeypatch.setitem(DIFFUSION_FAMILIES["sana"].encode_prompt_kwargs, "complex_human_instruction", ["Given a report, draw the chest radiograph:"])
-    second, new, recipe = cached_text(bases(name), cache, second_length, change if callable(change) else lambda recipe: None)
+    second, new, recipe = cached_text(tiny_bases(name), cache, second_length, change if callable(change) else lambda recipe: None)
     assert len(second - first) == 3  # every caption encoded again, nothing read from the old entries
     fresh = recipe.family.encode_prompts(recipe.pipe, [recipe.dataset.text(0)], second_length)
     for key, value in fresh.items():
@@ -67,10 +54,10 @@ def test_changing_an_encode_setting_misses_the_text_cache(name, bases, tmp_path,
     assert any(old[key].shape != new[key].shape or not torch.equal(old[key], new[key]) for key in fresh)  # and the setting mattered
 
 
-def test_a_setting_the_family_does_not_read_still_hits(bases, tmp_path):
+def test_a_setting_the_family_does_not_read_still_hits(tiny_bases, tmp_path):
     """SDXL encodes with CLIP's fixed 77 tokens: another --max_sequence_length gives the same embeddings, so the same entries."""
     cache = tmp_path / "cache"
-    first, old, _ = cached_text(bases("sdxl"), cache, 16)
-    second, new, _ = cached_text(bases("sdxl"), cache, 64)
+    first, old, _ = cached_text(tiny_bases("sdxl"), cache, 16)
+    second, new, _ = cached_text(tiny_bases("sdxl"), cache, 64)
     assert first == second and len(first) == 3
     assert all(torch.equal(old[key], new[key]) for key in ("prompt_embeds", "pooled_prompt_embeds"))

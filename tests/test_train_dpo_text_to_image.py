@@ -177,9 +177,8 @@ def test_dpo_moves_the_model_toward_the_chosen_image(tmp_path, swap):
 
 
 @pytest.mark.slow
-def test_flow_family_trains_and_loads(tmp_path):
-    base = tmp_path / "sd3"
-    DIFFUSION_FAMILIES["sd3"].build_tiny().save_pretrained(base)
+def test_flow_family_trains_and_loads(tiny_bases, tmp_path):
+    base = tiny_bases("sd3")
     pairs = write_pairs(tmp_path / "data", 2)
     out = tmp_path / "out"
     train(fast(pairs, out, "--pretrained_model_name_or_path", base, "--max_train_steps", 3, "--learning_rate", 1e-2, "--beta_dpo", 100,

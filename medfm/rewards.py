@@ -28,6 +28,7 @@ from torchmetrics.functional.text import bleu_score, rouge_score
 
 from .eval.labeler import label_reports
 from .eval.report_metrics import label_matrix
+from .user_code import import_function
 
 RewardFunction = Callable[..., Sequence[float]]
 RADEVAL_TERMS = ("radgraph", "chexbert", "green", "ratescore", "radcliq")  # medfm.eval.clinical.METRICS
@@ -90,15 +91,7 @@ def radeval(metric: str) -> RewardFunction:
 
 def user_function(path: str) -> RewardFunction:
     """`package.module:function` imported (the module must be importable: installed, or on PYTHONPATH)."""
-    module_name, _, function_name = path.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward term {path!r}: cannot import {function_name!r} from module {module_name!r} ({err}); the module "
-                         "must be importable (installed or on PYTHONPATH) and define the function") from err
-    if not callable(function):
-        raise ValueError(f"reward term {path!r}: {function_name} is not a function")
-    return function
+    return import_function(path, "reward term", "(completions, references, images) -> floats")
 
 
 BUILTIN_TERMS: dict[str, RewardFunction] = {"clinical": clinical, "length": length, "bleu4": bleu4, "rougel": rougel}

@@ -10,27 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import pkgutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
 
 from .generate import generate_images, load_text_to_image_pipeline
+from .user_code import import_function
 
 ImageScorer = Callable[[list[Image.Image], list[str]], Sequence[float]]
 
 
 def load_scorer(dotted_path: str) -> ImageScorer:
     """The callable at `package.module:function` (or `package.module.function`)."""
-    try:
-        scorer = pkgutil.resolve_name(dotted_path)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"--scorer {dotted_path}: cannot import it ({err}); give `package.module:function` importable from here "
-                         "(add its folder to PYTHONPATH)") from err
-    if not callable(scorer):
-        raise ValueError(f"--scorer {dotted_path}: not callable; it must be a function (images, prompts) -> scores")
-    return scorer
+    return import_function(dotted_path, "--scorer", "(images, prompts) -> scores")
 
 
 def make_image_preference_pairs(adapter: str | None, prompts: list[str], output: str | Path, scorer: ImageScorer, num_samples: int = 4,

@@ -209,10 +209,12 @@ def _wrong_target(objective_class):
 # 0.022 off after 200 / 600 / 800 steps, PixArt-Σ 0.142 / 0.054 / 0.007 after 200 / 1000 / 2000; with the min-SNR weighting
 # (snr_gamma 5) that their recipes (recipes/configs/sdxl-mimic-cxr.yaml, pixart-sigma-mimic-cxr.yaml) train with, SDXL 0.094 /
 # 0.021 / 0.007 after 200 / 600 / 800 and PixArt-Σ 0.138 / 0.005 after 200 / 1000. Not a schedule mismatch (the exact noise
-# renders the phantom, below) and not the 1/sqrt(alphas_cumprod) amplification of high-timestep noise errors once thought:
-# the samplers contract those (PixArt-Σ after 2000 steps: 0.007 with the model everywhere, 0.007 with the exact noise above
-# t=200). After 200 steps the noise was still far off at every timestep (mean squared error 0.04-0.10 SDXL, 0.05-0.31 PixArt-Σ
-# at t = 50-400; the exact noise above t=500 still leaves samples 0.037 and 0.103 off): the denoisers had not converged.
+# renders the phantom, below) and mostly not the 1/sqrt(alphas_cumprod) amplification of high-timestep noise errors once
+# thought: the samplers contract those (the exact noise above t=800 leaves PixArt-Σ after 2000 steps at 0.007 and takes SDXL
+# after 800 from 0.022 to 0.011). After 200 steps the noise was still far off at every timestep (mean squared error 0.04-0.10
+# SDXL, 0.05-0.31 PixArt-Σ at t = 50-400; the exact noise above t=500 still leaves samples 0.037 and 0.103 off): the denoisers
+# had not converged. Min-SNR helps because it down-weights the nearly clean timesteps, whose noise error (0.2-1.0 at t=1) is
+# the largest in the loss yet barely moves the sample.
 DDPM_OVERFIT = {"sdxl": (600, 5.0), "pixart-sigma": (1000, 5.0)}  # (steps, snr_gamma as the family's recipe sets it)
 
 

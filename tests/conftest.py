@@ -7,6 +7,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+def pin_xdist_worker() -> None:
+    """Under pytest-xdist, give worker k of n every n-th core (from k) before torch starts: recipes size their thread pools
+    by this affinity and subprocesses inherit it, so the workers share the machine instead of each using every core."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker and count and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        share = cores[int(worker.removeprefix("gw")) % len(cores)::int(count)]
+        os.sched_setaffinity(0, share)
+        os.environ["OMP_NUM_THREADS"] = str(len(share))
+
+
+pin_xdist_worker()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def medfm_home(tmp_path_factory):
     """Built-in bases and phantoms go to a per-session folder, never the user's cache."""

@@ -24,7 +24,7 @@ def common(tmp_path) -> list[str]:
 
 
 def run_two_processes(tmp_path, *flags):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, str(REPO / "recipes" / "train_lora.py"), *common(tmp_path), *flags], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=600)

@@ -119,7 +119,7 @@ def test_grpo_from_an_sft_adapter_trains_on_two_processes(tmp_path):
     """Each process samples and scores its own studies; DDP must accept the fully trained vision tower whose last layer the
     LLaVA features skip (vision_feature_layer=-2), which stopped multi-process report training before."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "recipes" / "train_lora.py"), *COMMON, *GRPO,
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "recipes" / "train_lora.py"), *COMMON, *GRPO,
                "--init_adapter", str(SFT_ADAPTER), "--max_train_steps", "2", "--output_dir", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

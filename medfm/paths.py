@@ -15,14 +15,20 @@ def medfm_home() -> Path:
 
 
 def build_once(target: Path, marker: str, build: Callable[[Path], object]) -> Path:
-    """Run `build(folder)` unless `target/marker` exists; the result appears atomically (never half-written)."""
+    """Run `build(folder)` unless `target/marker` exists; the result appears atomically (never half-written). When another
+    process finishes the same folder first, its copy is kept (never deleted under a reader) and this one's is discarded."""
     if not (target / marker).is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         try:
             build(staging)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
+            if not (target / marker).is_file():
+                shutil.rmtree(target, ignore_errors=True)  # a half-written leftover (no marker) of an interrupted older build
+                try:
+                    staging.rename(target)
+                except OSError:  # another process renamed its finished copy there in the meantime
+                    if not (target / marker).is_file():
+                        raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -5,11 +5,11 @@ Two measurements on the same phantoms, as the tiny LLaVA's processor gives them 
   in the features the language model reads?
 - learn: an image encoder trained directly on the findings' presence (binary cross-entropy, attention pooling per finding),
   then ROC AUC on held-out phantoms: can this encoder learn the finding at all? Arms: the base's pretrained vision tower +
-  projector, and a small CNN (5 convolutions) on the same 64 px input: if the CNN learns a finding the tower does not,
-  the input shows it and the tower's architecture is the limit.
+  projector, the same ViT with 4-px patches (from scratch), and a small CNN (5 convolutions) on the same 64 px input: if the
+  CNN learns a finding the tower does not, the input shows it and the tower's architecture is the limit.
 
     python benchmarks/finding_visibility.py probe --adapter adapters/phantom-report
-    python benchmarks/finding_visibility.py learn --steps 1500      # about 20 minutes on one CPU core
+    python benchmarks/finding_visibility.py learn --steps 1500      # about 30 minutes on one CPU core (--arms CNN: one encoder)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from medfm.config import BUILTIN_TINY_VLM
 from medfm.data.phantom import make_phantom, sample_case
@@ -84,8 +85,13 @@ def learn(args) -> None:
     pixels, labels = phantom_inputs(processor, args.num_train + args.num_test)
     heads = FindingHeads(model.config.text_config.hidden_size, len(FINDINGS))
     tower = nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector, heads])
+    fine_vit = CLIPVisionModel(CLIPVisionConfig(**{**model.config.vision_config.to_dict(), "patch_size": 4}))  # same ViT, 4x the tokens
+    fine_heads = FindingHeads(fine_vit.config.hidden_size, len(FINDINGS))
     arms = {"tiny LLaVA vision tower + projector (pretrained)": (tower, lambda x: heads(image_tokens(model, x))),
+            "the same ViT with 4-px patches (from scratch)": (nn.ModuleList([fine_vit, fine_heads]),
+                                                              lambda x: fine_heads(fine_vit(pixel_values=x).last_hidden_state[:, 1:])),
             "small CNN (5 convolutions, from scratch)": (cnn := small_cnn(len(FINDINGS)), cnn)}
+    arms = {name: arm for name, arm in arms.items() if not args.arms or any(word in name for word in args.arms)}
     rows = []
     for arm, (parameters, score) in arms.items():
         torch.manual_seed(args.seed)
@@ -114,6 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num_test", type=int, default=600)
     parser.add_argument("--steps", type=int, default=1500, help="learn: training steps per encoder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="*", help="learn: only the encoders whose label contains one of these words (e.g. CNN)")
     args = parser.parse_args(argv)
     {"probe": probe, "learn": learn}[args.mode](args)
 

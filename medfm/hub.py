@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
@@ -12,6 +13,9 @@ from huggingface_hub.utils import validate_repo_id
 
 from .config import METHOD_KEYS, TrainConfig
 from .interop import adapter_kind
+
+if TYPE_CHECKING:
+    from .models.vlm import VLMFamily
 
 EVAL_RESULTS_NAME = "eval_results.json"
 PUSH_IGNORE_PATTERNS = ["checkpoint-*"]  # resumable state stays local; the Hub gets the final adapter
@@ -248,12 +252,12 @@ def write_text_to_image_card(directory: str | Path, config: TrainConfig, num_pai
     return card
 
 
-def write_report_card(directory: str | Path, config: TrainConfig, family: str, num_studies: int, num_bad: int,
+def write_report_card(directory: str | Path, config: TrainConfig, family: VLMFamily, num_studies: int, num_bad: int,
                       num_truncated: int, metrics: dict | None = None) -> ModelCard:
     """Write README.md for a report-generation (PEFT) adapter folder (its base: the one `config` records) and return the card."""
     base = config.pretrained_model_name_or_path
     results = read_eval_results(directory)
-    if family == "paligemma":
+    if not family.has_chat_template:  # PaliGemma: a prefix of image tokens, then the instruction
         inputs_code = (f'prompt = "<image>" + {config.instruction!r}\n'
                        'inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")')
     else:  # tokenized by the template: a template that writes the BOS itself (Gemma 3) gets no second one
@@ -268,7 +272,7 @@ def write_report_card(directory: str | Path, config: TrainConfig, family: str, n
         card_data=_card_data(config, base, "peft", "image-text-to-text", REPORT_TAGS + ([config.method] if config.method != "sft" else []),
                              results).to_yaml(),
         title=f"{Path(config.output_dir).name}: radiology report LoRA", base=base,
-        base_link=_base_link(base), **_base_in_code(base, "medfm.models.vlm.resolve_vlm"), family=family, section=config.report_section,
+        base_link=_base_link(base), **_base_in_code(base, "medfm.models.vlm.resolve_vlm"), family=family.name, section=config.report_section,
         data=_data_description(config), adapter=_adapter_reference(config), inputs_code=inputs_code, validation=validation,
         evaluation=_evaluation_section(results), data_section=_data_section(config),
         method=_method_section(config), num_studies=num_studies, num_bad=num_bad,

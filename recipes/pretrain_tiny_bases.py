@@ -171,7 +171,7 @@ def impression_sentence_targets(records: list[dict], min_count: int) -> torch.Te
 
 
 def image_patches(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, patches, patch_size**2): each patch's grey values, in the raster order of the ViT's patch tokens."""
+    """(B, 3, H, W) -> (B, patches, patch_size**2): each patch's grey values, in the raster order of the image tokens."""
     return F.unfold(pixel_values[:, :1], kernel_size=patch_size, stride=patch_size).transpose(1, 2)
 
 
@@ -182,7 +182,7 @@ def train_vision_tower(model, processor, studies: list[dict], steps: int, batch_
     such as the left-out finding's, stay in the features for a LoRA run to use. Both heads are discarded after."""
     targets = impression_sentence_targets([{"impression": study["report"]} for study in studies], min_count=20)
     pixels = processor.image_processor([study["images"][0] for study in studies], return_tensors="pt")["pixel_values"]
-    patch_size = model.config.vision_config.patch_size
+    patch_size = processor.patch_size  # the image one token covers
     hidden_size = model.config.text_config.hidden_size
     probe, patch_head = torch.nn.Linear(hidden_size, targets.shape[1]), torch.nn.Linear(hidden_size, patch_size**2)
     parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *probe.parameters(),

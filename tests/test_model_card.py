@@ -78,7 +78,7 @@ def test_report_card_snippet_runs(named, tmp_path):
     folder = tmp_path / "report-lora"
     peft_model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    write_report_card(folder, config, family.name, num_studies=40, num_bad=0, num_truncated=1, metrics={"bleu4": 0.1, "rougeL": 0.3})
+    write_report_card(folder, config, family, num_studies=40, num_bad=0, num_truncated=1, metrics={"bleu4": 0.1, "rougeL": 0.3})
     text = (folder / "README.md").read_text()
     assert "library_name: peft" in text and DESCRIPTION in text and "## Evaluation" in text and "| bleu4 | 0.1000 |" in text
     Image.fromarray(np.round(make_phantom(2, 128)[0] * 255).astype(np.uint8)).save(tmp_path / "chest_xray.png")

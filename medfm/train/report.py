@@ -195,5 +195,5 @@ class ReportLoRARecipe(LoRARecipe):
         logger.info(f"{len(self.truncated_rows)} reports were cut to fit --max_length")
 
     def _write_model_card(self, resolved: TrainConfig, validation: dict | None) -> None:
-        write_report_card(self.output_dir, resolved, self.family.name, num_studies=len(self.dataset),
+        write_report_card(self.output_dir, resolved, self.family, num_studies=len(self.dataset),
                           num_bad=len(self.quarantine.rows), num_truncated=len(self.truncated_rows), metrics=validation)

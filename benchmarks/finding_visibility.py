@@ -1,15 +1,16 @@
-"""Which phantom findings can the tiny LLaVA's image encoder see? Why GRPO cannot raise pneumothorax/nodule recall there.
+"""Which phantom findings can the tiny LLaVA's image encoder see, and how fast can an encoder learn them?
 
 Two measurements on the same phantoms, as the tiny LLaVA's processor gives them (256 px drawn, 64 px model input):
 - probe: a logistic-regression probe (scikit-learn) on an adapter's (or the base's) projected image tokens: is the finding
   in the features the language model reads?
-- learn: an image encoder trained directly on the findings' presence (binary cross-entropy, attention pooling per finding),
-  then ROC AUC on held-out phantoms: can this encoder learn the finding at all? Arms: the base's pretrained vision tower +
-  projector, the same ViT with 4-px patches (from scratch), and a small CNN (5 convolutions) on the same 64 px input: if the
-  CNN learns a finding the tower does not, the input shows it and the tower's architecture is the limit.
+- learn: an image encoder trained directly on the findings' presence (binary cross-entropy), then ROC AUC on held-out
+  phantoms, at the end or every `--eval_every` steps (a learning curve: pneumothorax and nodules are learned late, so one
+  short run can mislead). Arms: the base's pretrained vision tower + projector; the same ViT from scratch with 8-px and
+  4-px patches; a small CNN (5 convolutions) with global max pooling, and the same CNN with the ViT arms' per-finding
+  attention pooling (so that encoder, not read-out, is what differs).
 
     python benchmarks/finding_visibility.py probe --adapter adapters/phantom-report
-    python benchmarks/finding_visibility.py learn --steps 1500      # about 30 minutes on one CPU core (--arms CNN: one encoder)
+    python benchmarks/finding_visibility.py learn --steps 1500 --eval_every 250 --arms "8-px" CNN   # about 20 minutes on one core
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class FindingHeads(nn.Module):
         return (pooled * self.score.weight).sum(-1) + self.score.bias
 
 
-def small_cnn(findings: int, width: int = 32) -> nn.Module:
+def small_cnn(findings: int, width: int = 32) -> nn.Sequential:
     def block(cin, cout):
         return [nn.Conv2d(cin, cout, 3, padding=1), nn.GELU()]
 
@@ -80,36 +81,58 @@ def small_cnn(findings: int, width: int = 32) -> nn.Module:
                          nn.MaxPool2d(2), *block(2 * width, 4 * width), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4 * width, findings))
 
 
+def encoder_arms(model) -> dict:
+    """Each arm: a builder of (trainable modules, pixels -> finding logits); built only when the arm is run."""
+    findings = len(FINDINGS)
+
+    def pretrained_tower():
+        heads = FindingHeads(model.config.text_config.hidden_size, findings)
+        return nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector, heads]), lambda x: heads(image_tokens(model, x))
+
+    def vit_from_scratch(patch_size: int):
+        vit = CLIPVisionModel(CLIPVisionConfig(**{**model.config.vision_config.to_dict(), "patch_size": patch_size}))
+        heads = FindingHeads(vit.config.hidden_size, findings)
+        return nn.ModuleList([vit, heads]), lambda x: heads(vit(pixel_values=x).last_hidden_state[:, 1:])
+
+    def cnn_attention_pooling():
+        features = small_cnn(findings)[:-3]  # the convolutions; their 16x16 map becomes 256 tokens
+        heads = FindingHeads(features[-2].out_channels, findings)
+        return nn.ModuleList([features, heads]), lambda x: heads(features(x).flatten(2).transpose(1, 2))
+
+    def cnn():
+        network = small_cnn(findings)
+        return network, network
+
+    return {"tiny LLaVA vision tower + projector (pretrained)": pretrained_tower,
+            "the same ViT, 8-px patches (from scratch)": lambda: vit_from_scratch(8),
+            "the same ViT with 4-px patches (from scratch)": lambda: vit_from_scratch(4),
+            "small CNN (5 convolutions, from scratch), global max pooling": cnn,
+            "small CNN, attention pooling as the ViT arms": cnn_attention_pooling}
+
+
 def learn(args) -> None:
     model, processor, _ = load_report_model(None, pretrained_model_name_or_path=BUILTIN_TINY_VLM, device="cpu")
     pixels, labels = phantom_inputs(processor, args.num_train + args.num_test)
-    heads = FindingHeads(model.config.text_config.hidden_size, len(FINDINGS))
-    tower = nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector, heads])
-    fine_vit = CLIPVisionModel(CLIPVisionConfig(**{**model.config.vision_config.to_dict(), "patch_size": 4}))  # same ViT, 4x the tokens
-    fine_heads = FindingHeads(fine_vit.config.hidden_size, len(FINDINGS))
-    arms = {"tiny LLaVA vision tower + projector (pretrained)": (tower, lambda x: heads(image_tokens(model, x))),
-            "the same ViT with 4-px patches (from scratch)": (nn.ModuleList([fine_vit, fine_heads]),
-                                                              lambda x: fine_heads(fine_vit(pixel_values=x).last_hidden_state[:, 1:])),
-            "small CNN (5 convolutions, from scratch)": (cnn := small_cnn(len(FINDINGS)), cnn)}
-    arms = {name: arm for name, arm in arms.items() if not args.arms or any(word in name for word in args.arms)}
-    rows = []
-    for arm, (parameters, score) in arms.items():
+    arms = {name: build for name, build in encoder_arms(model).items() if not args.arms or any(word in name for word in args.arms)}
+    checkpoints = set(range(args.eval_every, args.steps + 1, args.eval_every)) if args.eval_every else {args.steps}
+    print(f"batch 32, AdamW lr 1e-3, {args.num_train} training / {args.num_test} held-out phantoms, 64 px input")
+    print("| encoder | steps | " + " | ".join(FINDINGS) + " | minutes |\n|---|---|" + "---|" * (len(FINDINGS) + 1), flush=True)
+    for arm, build in arms.items():
         torch.manual_seed(args.seed)
+        parameters, score = build()
         optimizer = torch.optim.AdamW(parameters.parameters(), lr=1e-3, weight_decay=1e-2)
         start = time.perf_counter()
-        for _ in range(args.steps):
+        for step in range(1, args.steps + 1):
             index = torch.randint(args.num_train, (32,))
             loss = F.binary_cross_entropy_with_logits(score(pixels[index]), labels[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            scores = torch.cat([score(pixels[i:i + 200]) for i in range(args.num_train, len(pixels), 200)])
-        aucs = [roc_auc_score(labels[args.num_train:, k], scores[:, k]) for k in range(len(FINDINGS))]
-        rows.append(f"| {arm} | " + " | ".join(f"{auc:.3f}" for auc in aucs) + f" | {(time.perf_counter() - start) / 60:.1f} |")
-    print(f"{args.steps} steps, batch 32, {args.num_train} training / {args.num_test} held-out phantoms, 64 px input")
-    print("| encoder | " + " | ".join(FINDINGS) + " | minutes |\n|---|" + "---|" * (len(FINDINGS) + 1))
-    print("\n".join(rows))
+            if step in checkpoints:
+                with torch.no_grad():
+                    scores = torch.cat([score(pixels[i:i + 200]) for i in range(args.num_train, len(pixels), 200)])
+                aucs = [roc_auc_score(labels[args.num_train:, k], scores[:, k]) for k in range(len(FINDINGS))]
+                print(f"| {arm} | {step} | " + " | ".join(f"{auc:.3f}" for auc in aucs) + f" | {(time.perf_counter() - start) / 60:.1f} |", flush=True)
 
 
 def main(argv=None) -> None:
@@ -119,6 +142,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num_train", type=int, default=4000)
     parser.add_argument("--num_test", type=int, default=600)
     parser.add_argument("--steps", type=int, default=1500, help="learn: training steps per encoder")
+    parser.add_argument("--eval_every", type=int, default=0, help="learn: also measure every N steps (a learning curve); 0: at the end only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", nargs="*", help="learn: only the encoders whose label contains one of these words (e.g. CNN)")
     args = parser.parse_args(argv)

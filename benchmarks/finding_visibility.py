@@ -114,7 +114,7 @@ def learn(args) -> None:
     model, processor, _ = load_report_model(None, pretrained_model_name_or_path=BUILTIN_TINY_VLM, device="cpu")
     pixels, labels = phantom_inputs(processor, args.num_train + args.num_test)
     arms = {name: build for name, build in encoder_arms(model).items() if not args.arms or any(word in name for word in args.arms)}
-    checkpoints = set(range(args.eval_every, args.steps + 1, args.eval_every)) if args.eval_every else {args.steps}
+    checkpoints = {*range(args.eval_every, args.steps, args.eval_every), args.steps} if args.eval_every else {args.steps}
     print(f"batch 32, AdamW lr 1e-3, {args.num_train} training / {args.num_test} held-out phantoms, 64 px input")
     print("| encoder | steps | " + " | ".join(FINDINGS) + " | minutes |\n|---|---|" + "---|" * (len(FINDINGS) + 1), flush=True)
     for arm, build in arms.items():

@@ -1,7 +1,7 @@
 """Pretrain medfm's tiny built-in bases on digital phantoms, with one finding left out, on a CPU.
 
     python recipes/pretrain_tiny_bases.py text-to-image   # VAE, then text encoder + UNet; writes medfm/bases/tiny-sd.safetensors
-    python recipes/pretrain_tiny_bases.py report          # tiny LLaVA: vision tower, then projector + language model; writes medfm/bases/tiny-llava.safetensors
+    python recipes/pretrain_tiny_bases.py report          # tiny LLaVA: vision tower, then all weights; writes medfm/bases/tiny-llava.safetensors
 
 Pleural effusion is never drawn and never reported positively during pretraining (reports still say
 "No pleural effusion."), so a LoRA run on the built-in phantoms has something real to teach. The files
@@ -205,12 +205,8 @@ def train_vision_tower(model, processor, studies: list[dict], steps: int, batch_
 
 
 def train_vlm(model, collator: ReportCollator, studies: list[dict], steps: int, batch_size: int, generator: torch.Generator) -> None:
-    """Stage 2: projector and language model with the report-only language-modelling loss. The vision tower stays as stage 1
-    left it, as LLaVA-Rad keeps its image encoder frozen: trained on the report loss, it lost the pneumothorax and nodule
-    features stage 1 had built (benchmarks/RESULTS-alignment.md)."""
-    model.model.vision_tower.requires_grad_(False)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-2)
+    """Every weight (vision tower, projector, language model) with the report-only language-modelling loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=200, num_training_steps=steps)
     model.train()
     progress = tqdm(range(steps), desc="VLM", unit="step")
@@ -219,7 +215,7 @@ def train_vlm(model, collator: ReportCollator, studies: list[dict], steps: int, 
         batch = collator([studies[i] for i in index])
         loss = report_token_loss(model, {k: v for k, v in batch.items() if torch.is_tensor(v)})
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -263,8 +259,8 @@ def main(argv=None) -> None:
     t2i.set_defaults(run=pretrain_text_to_image)
     report = tasks.add_parser("report", help="the tiny LLaVA base (builtin:tiny-llava)")
     report.add_argument("--num_images", type=int, default=4000)
-    report.add_argument("--vision_steps", type=int, default=6000, help="stage 1: vision tower + projector")
-    report.add_argument("--steps", type=int, default=2000, help="stage 2: projector + language model, report loss")
+    report.add_argument("--vision_steps", type=int, default=1200, help="stage 1: vision tower + projector")
+    report.add_argument("--steps", type=int, default=2000, help="stage 2: every weight, report loss")
     report.set_defaults(run=pretrain_report)
     for sub in (t2i, report):
         sub.add_argument("--seed", type=int, default=0)

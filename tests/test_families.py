@@ -27,6 +27,12 @@ from recipes.train_lora import main as train
 
 PROMPT = "Large right pleural effusion."
 SEQUENCE = 16  # prompt tokens of T5/Gemma encoders in these tests (the pipelines' defaults are 256-512)
+LUMINA2_SEQUENCE = 72  # Lumina 2's pipeline puts its system prompt (52 tiny-Gemma tokens) before the caption within the length
+
+
+def sequence(name: str) -> int:
+    return LUMINA2_SEQUENCE if name == "lumina2" else SEQUENCE
+
 DIT_FAMILIES = ["sana", "sd3", "flux", "sdxl", "pixart-sigma", "lumina2"]
 # What a user passes to the plain pipeline to render as medfm trained: the size, the prompt length, no aspect-ratio binning.
 PLAIN_CALL = {
@@ -35,7 +41,7 @@ PLAIN_CALL = {
     "flux": {"max_sequence_length": SEQUENCE},
     "sdxl": {},
     "pixart-sigma": {"max_sequence_length": SEQUENCE, "use_resolution_binning": False, "clean_caption": False},
-    "lumina2": {"max_sequence_length": SEQUENCE},
+    "lumina2": {"max_sequence_length": LUMINA2_SEQUENCE},
 }
 
 
@@ -44,9 +50,9 @@ def phantoms(tmp_path_factory):
     return str(write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), num_images=4, seed=3, size=64))
 
 
-def fast(base, output_dir, *extra):
+def fast(base, output_dir, *extra, sequence_length=SEQUENCE):
     return ["--pretrained_model_name_or_path", str(base), "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "2",
-            "--max_sequence_length", str(SEQUENCE), "--validation_prompt", PROMPT, "--num_validation_images", "1",
+            "--max_sequence_length", str(sequence_length), "--validation_prompt", PROMPT, "--num_validation_images", "1",
             "--validation_inference_steps", "2", "--report_to", "none", *map(str, extra)]
 
 
@@ -83,6 +89,21 @@ def test_each_tiny_base_is_detected_as_its_family(name, tiny_bases):
     assert detect_family(tiny_bases(name)).name == name
 
 
+def test_lumina2_captions_get_what_its_system_prompt_leaves_of_the_length():
+    """Lumina2Pipeline encodes its system prompt and the caption within max_sequence_length: reports are cut to what is left, the
+    caption then reaches the encoder, and a length the system prompt fills is refused by name (at 16 every caption encoded alike)."""
+    family = DIFFUSION_FAMILIES["lumina2"]
+    pipe = family.build_tiny()
+    tokenizer, caption_tokens = family.prompt_token_limit(pipe, LUMINA2_SEQUENCE)
+    longest_caption = tokenizer.decode(tokenizer(PROMPT * 20, add_special_tokens=False).input_ids[:caption_tokens])
+    assert caption_tokens >= 16 and len(tokenizer(f"{pipe.system_prompt} <Prompt Start> {longest_caption}").input_ids) <= LUMINA2_SEQUENCE
+    normal, effusion = (family.encode_prompts(pipe, [text], LUMINA2_SEQUENCE)["prompt_embeds"]
+                        for text in ("Normal chest radiograph.", PROMPT))
+    assert not torch.equal(normal, effusion)
+    with pytest.raises(ValueError, match=r"--max_sequence_length 16 leaves the caption -\d+ tokens: Lumina 2's pipeline puts its"):
+        family.prompt_token_limit(pipe, 16)
+
+
 def test_quantize_base_on_cpu_names_the_flag():
     cfg = parse_train_config(["--quantize_base", "nf4"], exit_on_error=False)
     with pytest.raises(ValueError, match="--quantize_base nf4 needs a CUDA GPU"):
@@ -110,7 +131,7 @@ def test_adapter_weights_follow_the_umask_not_0600(umask, tmp_path):
 @pytest.mark.parametrize("name", DIT_FAMILIES)
 def test_trains_on_an_imagefolder_and_plain_libraries_give_generate_pixels(name, tiny_bases, phantoms, tmp_path):
     base, out = tiny_bases(name), tmp_path / "run"
-    train(fast(base, out, "--train_data_dir", phantoms, "--max_train_steps", 3, "--learning_rate", 1e-2))
+    train(fast(base, out, "--train_data_dir", phantoms, "--max_train_steps", 3, "--learning_rate", 1e-2, sequence_length=sequence(name)))
     assert (out / "validation" / "step-000003.png").is_file() and (out / "README.md").is_file()
     before = np.asarray(plain_images(base, name)[0], dtype=np.int16)
     after = np.asarray(plain_images(base, name, str(out))[0], dtype=np.int16)
@@ -127,9 +148,9 @@ def test_trains_on_an_imagefolder_and_plain_libraries_give_generate_pixels(name,
 def test_resume_on_builtin_phantoms_gives_the_same_adapter_as_a_straight_run(name, tiny_bases, tmp_path):
     common = ["--checkpointing_steps", 5, "--learning_rate", 1e-3, "--phantom_num_images", 8]
     base = tiny_bases(name)
-    train(fast(base, tmp_path / "straight", "--max_train_steps", 10, *common))
-    train(fast(base, tmp_path / "resumed", "--max_train_steps", 5, *common))
-    train(fast(base, tmp_path / "resumed", "--max_train_steps", 10, "--resume_from_checkpoint", "latest", *common))
+    train(fast(base, tmp_path / "straight", "--max_train_steps", 10, *common, sequence_length=sequence(name)))
+    train(fast(base, tmp_path / "resumed", "--max_train_steps", 5, *common, sequence_length=sequence(name)))
+    train(fast(base, tmp_path / "resumed", "--max_train_steps", 10, "--resume_from_checkpoint", "latest", *common, sequence_length=sequence(name)))
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys() and straight
     for key in straight:
@@ -145,12 +166,12 @@ def phantom_setup(name: str):
     family = DIFFUSION_FAMILIES[name]
     pipe = family.build_tiny()
     pipe.set_progress_bar_config(disable=True)
-    cfg = TrainConfig(resolution=64, max_sequence_length=SEQUENCE)
+    cfg = TrainConfig(resolution=64, max_sequence_length=sequence(name))
     image, _ = make_phantom(0, 64)
     pixels = torch.tensor(image, dtype=torch.float32)[None, None].repeat(1, 3, 1, 1) * 2 - 1
     with torch.no_grad():
         latents = family.to_model_space(pipe.vae, family.encode_images(pipe.vae, pixels)[0]["latent_mean"][None])
-        conditioning = family.encode_prompts(pipe, [PROMPT] * 4, SEQUENCE)
+        conditioning = family.encode_prompts(pipe, [PROMPT] * 4, sequence(name))
         shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
         reference = pipe.image_processor.postprocess(pipe.vae.decode(latents / pipe.vae.config.scaling_factor + shift, return_dict=False)[0],
                                                      output_type="np")[0]

@@ -30,7 +30,7 @@ def set_system_prompt(recipe):
 
 
 CHANGES = {  # family: (first length, second length, change applied to the second run's loaded pipeline)
-    "lumina2": (16, 16, set_system_prompt),
+    "lumina2": (72, 72, set_system_prompt),  # its system prompt (52 tiny-Gemma tokens) comes first within the length
     "sana": (16, 16, "instruction"),
     "sd3": (16, 24, None),  # the T5 length; Flux, PixArt-Σ and Lumina 2 key it the same way (DiffusionFamily.prompt_settings)
 }

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_section(path: Path, header: str, title: str, body: str) -> None:
-    """Replace section `title` of `path` (keeping the others) with `body` and the command that produced it."""
+    """Replace section `title` of `path` in place (keeping the others and their order; a new one goes last) with `body` and
+    the command that produced it."""
     sections = {}
     if path.exists():
         for block in path.read_text().split("\n## ")[1:]:
@@ -25,7 +26,7 @@ def write_section(path: Path, header: str, title: str, body: str) -> None:
     script = os.path.relpath(sys.argv[0], Path(__file__).resolve().parents[1])
     command = " ".join(["python", script, *sys.argv[1:]])
     sections[title] = f"Reproduce: `{command}`\n\n{body}"
-    path.write_text(header.strip() + "\n" + "".join(f"\n## {name}\n\n{text}\n" for name, text in sorted(sections.items())))
+    path.write_text(header.strip() + "\n" + "".join(f"\n## {name}\n\n{text}\n" for name, text in sections.items()))
 
 
 def run_in_turns(arms: list[str], repeats: int, command: list[str],

@@ -1,7 +1,7 @@
 """Pretrain medfm's tiny built-in bases on digital phantoms, with one finding left out, on a CPU.
 
     python recipes/pretrain_tiny_bases.py text-to-image   # VAE, then text encoder + UNet; writes medfm/bases/tiny-sd.safetensors
-    python recipes/pretrain_tiny_bases.py report          # tiny LLaVA: vision tower, then all weights; writes medfm/bases/tiny-llava.safetensors
+    python recipes/pretrain_tiny_bases.py report          # tiny LLaVA: vision tower, then all weights (tower at lr/10); writes medfm/bases/tiny-llava.safetensors
 
 Pleural effusion is never drawn and never reported positively during pretraining (reports still say
 "No pleural effusion."), so a LoRA run on the built-in phantoms has something real to teach. The files
@@ -205,8 +205,12 @@ def train_vision_tower(model, processor, studies: list[dict], steps: int, batch_
 
 
 def train_vlm(model, collator: ReportCollator, studies: list[dict], steps: int, batch_size: int, generator: torch.Generator) -> None:
-    """Every weight (vision tower, projector, language model) with the report-only language-modelling loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    """Stage 2: every weight with the report-only language-modelling loss, the vision tower at a tenth of the learning rate:
+    at the full rate it lost the pneumothorax and nodule features stage 1 had built; frozen, the language model learned to
+    read the tower in a way that a LoRA run could not teach small effusions (benchmarks/RESULTS-alignment.md)."""
+    tower = list(model.model.vision_tower.parameters())
+    rest = [p for p in model.parameters() if all(p is not t for t in tower)]
+    optimizer = torch.optim.AdamW([{"params": tower, "lr": 1e-4}, {"params": rest}], lr=1e-3, weight_decay=1e-2)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=200, num_training_steps=steps)
     model.train()
     progress = tqdm(range(steps), desc="VLM", unit="step")
@@ -259,7 +263,7 @@ def main(argv=None) -> None:
     t2i.set_defaults(run=pretrain_text_to_image)
     report = tasks.add_parser("report", help="the tiny LLaVA base (builtin:tiny-llava)")
     report.add_argument("--num_images", type=int, default=4000)
-    report.add_argument("--vision_steps", type=int, default=1200, help="stage 1: vision tower + projector")
+    report.add_argument("--vision_steps", type=int, default=6000, help="stage 1: vision tower + projector")
     report.add_argument("--steps", type=int, default=2000, help="stage 2: every weight, report loss")
     report.set_defaults(run=pretrain_report)
     for sub in (t2i, report):

@@ -63,3 +63,16 @@ def test_alignment_benchmark_trains_and_evaluates_its_arms(tmp_path):
     assert "Reproduce: `python benchmarks/alignment.py --smoke" in text and "GRPO targets:" in text
     rows = [line for line in text.splitlines() if line.startswith(("| sft | 0 |", "| grpo | 0 |"))]
     assert len(rows) == 2 and (tmp_path / "runs" / "grpo-seed0" / "adapter_model.safetensors").is_file()
+
+
+def test_results_sections_are_replaced_in_place_and_new_ones_go_last(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from results import write_section
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Title\n\n## zeta\n\nold zeta\n\n## alpha\n\nhand-written notes\n")
+    write_section(path, "# Title", "zeta", "new zeta")
+    write_section(path, "# Title", "beta", "beta body")
+    text = path.read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == ["## zeta", "## alpha", "## beta"]
+    assert "new zeta" in text and "old zeta" not in text and "hand-written notes" in text

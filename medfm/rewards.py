@@ -1,11 +1,16 @@
 """Rewards for generated reports: small pure functions over (completions, references, images) -> one float per report,
 composed by weights (the training config's `reward: {clinical: 1.0, length: 0.2, rougel: 0.3}`).
 
-Built-in terms (each in [0, 1], higher is better):
+Built-in terms (higher is better; each in [0, 1] but `clinical_micro`):
 
 - `clinical`: per report, F1 over the 14 CheXpert observations between the labels medfm's labeler reads in the
   generated report and in its reference (uncertain mentions count as `medfm eval reports` counts them: negative by
   default); a negated finding ("no effusion") is not a positive.
+- `clinical_micro`: the same labels, scored as the benchmark tables score them: each report's share of the micro-F1
+  over all the reports scored together (a difference reward, n x (micro-F1 of all - micro-F1 without this report)).
+  A false mention costs what a missed finding costs wherever it falls, and a hedged finding ("possible pneumonia",
+  uncertain) costs less than a committed wrong one; per-report F1 instead rewards committing (a report that names
+  nothing scores 0). Depends on the batch it is scored in, so it is about 0 on average, negative for poor reports.
 - `length`: 1 - |words - reference words| / reference words, floored at 0: keeps reports near the reference's length
   (a reward on one metric alone gets gamed by shorter or longer reports).
 - `bleu4`: smoothed sentence BLEU-4, `rougel`: ROUGE-L F1 (torchmetrics, lower-cased, as `quick_report_metrics`).
@@ -42,6 +47,18 @@ def clinical(completions: list[str], references: list[str], images=None, uncerta
     # By hand: torchmetrics' samplewise multilabel F1 fails on a single report (it squeezes the batch dimension away).
     named = predicted.sum(1) + reference.sum(1)
     return torch.where(named > 0, 2 * (predicted & reference).sum(1) / named.clamp(min=1), 1.0).tolist()
+
+
+def clinical_micro(completions: list[str], references: list[str], images=None, uncertain: str = "negative") -> list[float]:
+    """n x (micro-F1 over the 14 CheXpert labels of all n reports - the same without report i), for each report i."""
+    predicted = label_matrix(label_reports(completions), uncertain)
+    reference = label_matrix(label_reports(references), uncertain)
+    hits, errors = (predicted & reference).sum(1).double(), (predicted ^ reference).sum(1).double()
+
+    def micro_f1(hits, errors):
+        return torch.where(2 * hits + errors > 0, 2 * hits / (2 * hits + errors).clamp(min=1), 1.0)
+
+    return (len(completions) * (micro_f1(hits.sum(), errors.sum()) - micro_f1(hits.sum() - hits, errors.sum() - errors))).tolist()
 
 
 def length(completions: list[str], references: list[str], images=None) -> list[float]:
@@ -94,7 +111,7 @@ def user_function(path: str) -> RewardFunction:
     return import_function(path, "reward term", "(completions, references, images) -> floats")
 
 
-BUILTIN_TERMS: dict[str, RewardFunction] = {"clinical": clinical, "length": length, "bleu4": bleu4, "rougel": rougel}
+BUILTIN_TERMS: dict[str, RewardFunction] = {"clinical": clinical, "clinical_micro": clinical_micro, "length": length, "bleu4": bleu4, "rougel": rougel}
 
 
 def reward_function(name: str) -> RewardFunction:

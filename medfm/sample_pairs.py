@@ -51,9 +51,12 @@ def make_preference_pairs(adapter: str, output: str | Path, num_samples: int = 4
                                    [full_instruction(config["instruction"], e["indication"]) for e in examples], batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, show_progress=False, do_sample=True, temperature=temperature, top_p=top_p,
                                    top_k=0, num_return_sequences=num_samples)
+        # One call for the whole batch: a term such as clinical_micro scores each report against all those scored with it.
+        batch_scores = scorer(samples, [e["report"] for e in examples for _ in range(num_samples)],
+                              [e["images"] for e in examples for _ in range(num_samples)]).total
         for index, example in enumerate(examples):
             reports = samples[index * num_samples : (index + 1) * num_samples]
-            scores = scorer(reports, [example["report"]] * num_samples, [example["images"]] * num_samples).total
+            scores = batch_scores[index * num_samples : (index + 1) * num_samples]
             best, worst = max(range(num_samples), key=scores.__getitem__), min(range(num_samples), key=scores.__getitem__)
             if scores[best] - scores[worst] < margin or reports[best] == reports[worst]:
                 skipped += 1

@@ -6,7 +6,9 @@ import textwrap
 import pytest
 
 from medfm.config import parse_train_config
-from medfm.rewards import Reward, clinical, length, reward_function, rougel
+from medfm.eval.labeler import label_reports
+from medfm.eval.report_metrics import chexpert_f1, label_matrix
+from medfm.rewards import Reward, clinical, clinical_micro, length, reward_function, rougel
 
 REFERENCE = "Moderate right pleural effusion. Enlarged heart. Left lower lobe consolidation."
 
@@ -35,6 +37,33 @@ def test_uncertain_mentions_count_as_medfm_eval_reports_counts_them():
     possible = "Possible left lower lobe pneumonia."
     assert clinical([possible], ["Left lower lobe pneumonia."])[0] < 1.0  # default: uncertain is negative
     assert clinical([possible], ["Left lower lobe pneumonia."], uncertain="positive")[0] == 1.0
+
+
+def test_clinical_micro_is_each_reports_share_of_the_benchmarks_micro_f1():
+    references = [REFERENCE, "Left lung nodule.", "Possible right lower lobe pneumonia.", "No acute cardiopulmonary process.", "Large left pneumothorax."]
+    completions = ["Right pleural effusion. Enlarged heart.", "No acute cardiopulmonary process.", "Right lower lobe consolidation.",
+                   "No acute cardiopulmonary process.", "Large left pneumothorax."]
+    scores = clinical_micro(completions, references)
+
+    def micro_f1(rows):  # the number the evaluation prints (torchmetrics through medfm.eval.report_metrics)
+        matrices = [label_matrix(label_reports([texts[i] for i in rows]), "negative") for texts in (references, completions)]
+        return chexpert_f1(*matrices)["chexpert_f1_micro_14"]
+
+    everything = micro_f1(range(5))
+    for i, score in enumerate(scores):
+        assert score == pytest.approx(5 * (everything - micro_f1([j for j in range(5) if j != i])), abs=1e-6)
+    assert scores[4] > 0 > scores[1]  # a found finding raises the batch's micro-F1, a missed one lowers it
+
+
+def test_clinical_micro_charges_a_hedge_less_than_a_wrong_committed_finding():
+    """Where per-report F1 gives both 0, micro-F1 counts one missed label for the hedge and three errors for the wrong word."""
+    context = ["Enlarged heart.", "Large left pneumothorax.", "Moderate right pleural effusion."]  # the batch's other reports, one missed
+    context_written = ["Enlarged heart.", "No acute cardiopulmonary process.", "Moderate right pleural effusion."]
+    reference = "Left lower lobe pneumonia."
+    hedged, wrong = "Possible left lower lobe pneumonia.", "Left lower lobe consolidation."
+    assert clinical([hedged, wrong], [reference] * 2) == [0.0, 0.0]
+    micro_hedged, micro_wrong, micro_right = (clinical_micro([report, *context_written], [reference, *context])[0] for report in (hedged, wrong, reference))
+    assert micro_right > 0 > micro_hedged > micro_wrong
 
 
 def test_length_keeps_reports_near_the_reference_length():

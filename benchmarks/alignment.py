@@ -8,7 +8,7 @@
 
 Arms (each trained with `accelerate launch recipes/train_lora.py`, as a user would):
 - sft: adapters/phantom-report as shipped (no training; the starting point of the others).
-- grpo: recipes/configs/demo-report-grpo.yaml (GRPO from adapters/phantom-report, default reward clinical + length + ROUGE-L).
+- grpo: recipes/configs/demo-report-grpo.yaml (GRPO from adapters/phantom-report, default reward clinical_micro + length + ROUGE-L).
 - grpo-no-length: the same without the length term (does the clinical reward alone shrink the reports?).
 - dpo: `medfm pairs` samples 4 reports per training phantom with adapters/phantom-report and keeps best vs worst by the
   default reward; then `--method dpo` from adapters/phantom-report on those pairs.
@@ -58,7 +58,8 @@ def train(arm: str, seed: int, runs: Path, smoke: bool) -> tuple[str, float]:
     if arm == "grpo":
         seconds = launch(["--config", GRPO_CONFIG, *common, *(["--num_generations", "2", "--max_new_tokens", "8"] if smoke else [])])
     elif arm == "grpo-no-length":
-        seconds = launch(["--config", GRPO_CONFIG, "--reward", "clinical=1.0", "rougel=0.3", *common,
+        reward = yaml.safe_load((REPO / GRPO_CONFIG).read_text())["reward"]
+        seconds = launch(["--config", GRPO_CONFIG, "--reward", *(f"{name}={weight}" for name, weight in reward.items() if name != "length"), *common,
                           *(["--num_generations", "2", "--max_new_tokens", "8"] if smoke else [])])
     else:
         pairs = runs / f"pairs-seed{seed}.jsonl"

@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--max_studies", type=int, help="Use only the first N studies.")
     pairs.add_argument("--num_samples", type=int, default=4, help="Reports sampled per study.")
     pairs.add_argument("--reward", nargs="+", action=_KeyValues, metavar="NAME=WEIGHT",
-                       help="Reward terms (medfm.rewards; default: clinical=1 length=0.2 rougel=0.3).")
+                       help="Reward terms (medfm.rewards; default: clinical_micro=1 length=0.2 rougel=0.3).")
     pairs.add_argument("--margin", type=float, default=0.1, help="Keep a study's best vs worst only if their rewards differ by at least this.")
     pairs.add_argument("--temperature", type=float, default=1.0)
     pairs.add_argument("--top_p", type=float, default=1.0)

@@ -43,8 +43,9 @@ BUILTIN_BASE_RECIPES = {
 # Keys only some report methods read, and their defaults there (None elsewhere, so a resolved config shows what mattered).
 METHOD_KEYS = {"reward": ("grpo",), "num_generations": ("grpo",), "temperature": ("grpo",), "top_p": ("grpo",), "max_new_tokens": ("grpo",),
                "epsilon": ("grpo",), "beta": ("grpo", "dpo")}
+DEFAULT_REWARD = {"clinical_micro": 1.0, "length": 0.2, "rougel": 0.3}  # medfm.rewards terms (that module imports torch)
 METHOD_DEFAULTS = {
-    "grpo": {"reward": {"clinical": 1.0, "length": 0.2, "rougel": 0.3}, "num_generations": 8, "temperature": 1.0, "top_p": 1.0,
+    "grpo": {"reward": dict(DEFAULT_REWARD), "num_generations": 8, "temperature": 1.0, "top_p": 1.0,
              "max_new_tokens": 128, "epsilon": 0.2, "beta": 0.04},
     "dpo": {"beta": 0.1},
 }
@@ -182,9 +183,9 @@ class TrainConfig:
                                           "modules) is loaded and trained further and is the reference policy (without it the reference is the "
                                           "base, LoRA switched off); the LoRA keys (rank, target_modules, ...) are then the adapter's. "
                                           "text-to-image reads it only with --method dpo.")
-    reward: dict[str, float] | None = _opt(None, "report grpo only: reward terms and weights, e.g. clinical=1.0 length=0.2 rougel=0.3 (YAML: a mapping); "
+    reward: dict[str, float] | None = _opt(None, "report grpo only: reward terms and weights, e.g. clinical_micro=1.0 length=0.2 rougel=0.3 (YAML: a mapping); "
                                                  "terms: clinical, length, bleu4, rougel, bertscore@/local/model, radgraph/chexbert/green "
-                                                 "(RadEval), package.module:function (see medfm.rewards). Default: clinical=1 length=0.2 rougel=0.3.")
+                                                 "(RadEval), package.module:function (see medfm.rewards). Default: clinical_micro=1 length=0.2 rougel=0.3.")
     num_generations: int | None = _opt(None, "report grpo only: reports sampled per study, the group its advantages are normalised in (default 8).")
     temperature: float | None = _opt(None, "report grpo only: sampling temperature (default 1.0).")
     top_p: float | None = _opt(None, "report grpo only: nucleus sampling top-p (default 1.0).")

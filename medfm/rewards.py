@@ -1,5 +1,5 @@
 """Rewards for generated reports: small pure functions over (completions, references, images) -> one float per report,
-composed by weights (the training config's `reward: {clinical: 1.0, length: 0.2, rougel: 0.3}`).
+composed by weights (the training config's `reward: {clinical_micro: 1.0, length: 0.2, rougel: 0.3}`, the default).
 
 Built-in terms (higher is better; each in [0, 1] but `clinical_micro`):
 
@@ -37,7 +37,6 @@ from .user_code import import_function
 
 RewardFunction = Callable[..., Sequence[float]]
 RADEVAL_TERMS = ("radgraph", "chexbert", "green", "ratescore", "radcliq")  # medfm.eval.clinical.METRICS
-DEFAULT_REWARD = {"clinical": 1.0, "length": 0.2, "rougel": 0.3}
 
 
 def clinical(completions: list[str], references: list[str], images=None, uncertain: str = "negative") -> list[float]:

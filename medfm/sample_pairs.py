@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .config import DEFAULT_REWARD
 from .data.preferences import write_preference_pairs
 from .data.report_batches import full_instruction
 from .data.studies import ReportStudyDataset, load_studies
 from .generate import adapter_training_config, generate_reports, load_report_model
-from .rewards import DEFAULT_REWARD, Reward
+from .rewards import Reward
 
 
 def _image_paths(study, images, folder: Path) -> list[str]:

@@ -52,7 +52,7 @@ def test_grpo_from_an_sft_adapter_resumes_exactly_and_its_reference_is_that_adap
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)  # the same samples, rewards, KL
 
     steps = log(tmp_path / "straight")
-    assert {"reward", "rewards/clinical", "rewards/length", "rewards/rougel", "kl", "completion_words", "frac_groups_equal_reward"} <= set(steps[0])
+    assert {"reward", "rewards/clinical_micro", "rewards/length", "rewards/rougel", "kl", "completion_words", "frac_groups_equal_reward"} <= set(steps[0])
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first samples come from the reference itself: the SFT adapter, not the base
     assert max(step["kl"] for step in steps) > 0  # then the policy moves away from it
     trained, started = weights(tmp_path / "straight"), weights(SFT_ADAPTER)
@@ -61,9 +61,9 @@ def test_grpo_from_an_sft_adapter_resumes_exactly_and_its_reference_is_that_adap
     out = tmp_path / "straight"
     config = yaml.safe_load((out / "training_config.yaml").read_text())
     assert config["method"] == "grpo" and config["init_adapter"] == str(SFT_ADAPTER) and config["num_generations"] == 2
-    assert config["reward"] == {"clinical": 1.0, "length": 0.2, "rougel": 0.3}
+    assert config["reward"] == {"clinical_micro": 1.0, "length": 0.2, "rougel": 0.3}
     card = (out / "README.md").read_text()
-    assert "**GRPO**" in card and "1 x `clinical` + 0.2 x `length` + 0.3 x `rougel`" in card and str(SFT_ADAPTER) in card
+    assert "**GRPO**" in card and "1 x `clinical_micro` + 0.2 x `length` + 0.3 x `rougel`" in card and str(SFT_ADAPTER) in card
     assert "- grpo" in card  # a Hub tag
     assert not (out / "reference").exists() and not (out / "checkpoint-5" / "reference").exists()  # only the trained adapter is saved
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"].startswith("builtin:tiny-llava@")

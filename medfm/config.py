@@ -34,7 +34,7 @@ BUILTIN_BASE_RECIPES = {
     BUILTIN_TINY_VLM: {"phantom_num_images": 8000, "report_section": "impression",
                        "instruction": "Write the impression of the radiology report for this chest X-ray.", "max_length": 256,
                        "rank": 16, "lora_alpha": 32, "train_projector": True, "modules_to_save": ["lm_head", "vision_tower"],
-                       "max_train_steps": 9000, "learning_rate": 1e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 100,
+                       "max_train_steps": 12000, "learning_rate": 1e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 100,
                        "validation_steps": 1000, "num_validation_samples": 16,
                        "validation_max_new_tokens": 64},
 }

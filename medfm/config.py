@@ -184,7 +184,7 @@ class TrainConfig:
                                           "base, LoRA switched off); the LoRA keys (rank, target_modules, ...) are then the adapter's. "
                                           "text-to-image reads it only with --method dpo.")
     reward: dict[str, float] | None = _opt(None, "report grpo only: reward terms and weights, e.g. clinical_micro=1.0 length=0.2 rougel=0.3 (YAML: a mapping); "
-                                                 "terms: clinical, length, bleu4, rougel, bertscore@/local/model, radgraph/chexbert/green "
+                                                 "terms: clinical_micro, clinical, length, bleu4, rougel, bertscore@/local/model, radgraph/chexbert/green "
                                                  "(RadEval), package.module:function (see medfm.rewards). Default: clinical_micro=1 length=0.2 rougel=0.3.")
     num_generations: int | None = _opt(None, "report grpo only: reports sampled per study, the group its advantages are normalised in (default 8).")
     temperature: float | None = _opt(None, "report grpo only: sampling temperature (default 1.0).")

@@ -39,10 +39,14 @@ RewardFunction = Callable[..., Sequence[float]]
 RADEVAL_TERMS = ("radgraph", "chexbert", "green", "ratescore", "radcliq")  # medfm.eval.clinical.METRICS
 
 
+def _label_matrices(completions: list[str], references: list[str], uncertain: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reports x 14 boolean CheXpert label matrices of the completions and of their references."""
+    return label_matrix(label_reports(completions), uncertain), label_matrix(label_reports(references), uncertain)
+
+
 def clinical(completions: list[str], references: list[str], images=None, uncertain: str = "negative") -> list[float]:
     """Per-report F1 over the 14 CheXpert labels of completion vs reference (1.0 when neither names any)."""
-    predicted = label_matrix(label_reports(completions), uncertain)
-    reference = label_matrix(label_reports(references), uncertain)
+    predicted, reference = _label_matrices(completions, references, uncertain)
     # By hand: torchmetrics' samplewise multilabel F1 fails on a single report (it squeezes the batch dimension away).
     named = predicted.sum(1) + reference.sum(1)
     return torch.where(named > 0, 2 * (predicted & reference).sum(1) / named.clamp(min=1), 1.0).tolist()
@@ -50,8 +54,7 @@ def clinical(completions: list[str], references: list[str], images=None, uncerta
 
 def clinical_micro(completions: list[str], references: list[str], images=None, uncertain: str = "negative") -> list[float]:
     """n x (micro-F1 over the 14 CheXpert labels of all n reports - the same without report i), for each report i."""
-    predicted = label_matrix(label_reports(completions), uncertain)
-    reference = label_matrix(label_reports(references), uncertain)
+    predicted, reference = _label_matrices(completions, references, uncertain)
     hits, errors = (predicted & reference).sum(1).double(), (predicted ^ reference).sum(1).double()
 
     def micro_f1(hits, errors):

@@ -15,7 +15,9 @@ Arms (each trained with `accelerate launch recipes/train_lora.py`, as a user wou
 
 Evaluation as benchmarks/left_out_finding.py's report part: greedy reports for the same 200 held-out phantoms (seed 7),
 CheXpert-label F1 from medfm's labeler (micro/macro over 14, micro over 5), BLEU-4 and ROUGE-L (pycocoevalcap), and mean
-report length against the references'. Written to RESULTS-alignment.md.
+report length against the references'. Each adapter is also scored on a second, independent draw of 200 phantoms
+(`--check_seed`, default 11): the 40-odd opacities' wording is random per image ("consolidation", "pneumonia" or a hedge), and
+one draw's mix can favour one word enough to move micro-14 by 0.03, as much as the arms differ. Written to RESULTS-alignment.md.
 """
 
 from __future__ import annotations
@@ -103,7 +105,10 @@ def summary(results: list[dict]) -> str:
     by_arm: dict[str, list[dict]] = {}
     for r in results:
         by_arm.setdefault(r["arm"], []).append(r)
-    lines = ["| arm | seeds | micro-14 (mean) | macro-14 | BLEU-4 | length vs reference | training min |", "|---|---|---|---|---|---|---|"]
+    check_seed = results[0]["protocol"].get("check_seed", -1) if results else -1
+    check_column = f" micro-14 on the check draw (seed {check_seed}) |" if check_seed >= 0 else ""
+    lines = ["| arm | seeds | micro-14 (mean) | macro-14 | BLEU-4 | length vs reference | training min |" + check_column,
+             "|---|---|---|---|---|---|---|" + ("---|" if check_column else "")]
     means = {}
     for arm, runs in by_arm.items():
         mean = {k: float(np.mean([r["metrics"][k] for r in runs])) for k in ("chexpert_f1_micro_14", "chexpert_f1_macro_14", "bleu4", "chars",
@@ -111,7 +116,8 @@ def summary(results: list[dict]) -> str:
         mean["minutes"] = float(np.mean([r["minutes"] for r in runs]))
         means[arm] = mean
         lines.append(f"| {arm} | {len(runs)} | {mean['chexpert_f1_micro_14']:.3f} | {mean['chexpert_f1_macro_14']:.3f} | {mean['bleu4']:.3f} | "
-                     f"{mean['chars'] / mean['reference_chars'] - 1:+.1%} | {mean['minutes']:.1f} |")
+                     f"{mean['chars'] / mean['reference_chars'] - 1:+.1%} | {mean['minutes']:.1f} |"
+                     + (f" {np.mean([r['check_metrics']['chexpert_f1_micro_14'] for r in runs]):.3f} |" if check_seed >= 0 else ""))
     if "grpo" in means and "sft" in means:
         g, s = means["grpo"], means["sft"]
         checks = [("micro-14 >= 0.82", g["chexpert_f1_micro_14"] >= 0.82), ("length within 15 %", abs(g["chars"] / g["reference_chars"] - 1) <= 0.15),
@@ -126,6 +132,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--num_images", type=int, default=200, help="held-out phantoms evaluated")
     parser.add_argument("--eval_seed", type=int, default=7, help="as benchmarks/left_out_finding.py report")
+    parser.add_argument("--check_seed", type=int, default=11, help="a second, independent draw of held-out phantoms scored beside --eval_seed's "
+                        "(-1: none): how much of a difference between arms is the draw")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--runs", type=Path, default=REPO / "benchmarks" / "runs" / "alignment", help="where the trained adapters go")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -136,7 +144,8 @@ def main() -> None:
     if args.smoke:
         args.num_images, args.max_new_tokens = min(args.num_images, 8), min(args.max_new_tokens, 16)
     results = []
-    protocol = {"num_images": args.num_images, "eval_seed": args.eval_seed, "max_new_tokens": args.max_new_tokens, "smoke": args.smoke}
+    protocol = {"num_images": args.num_images, "eval_seed": args.eval_seed, "check_seed": args.check_seed, "max_new_tokens": args.max_new_tokens,
+                "smoke": args.smoke}
     for arm in args.arms:
         for seed in ([0] if arm == "sft" else args.seeds):
             record = args.runs / f"{arm}-seed{seed}.json"  # one run's result: lets arms and seeds run as separate (parallel) invocations
@@ -148,11 +157,13 @@ def main() -> None:
                 continue
             adapter, minutes = train(arm, seed, args.runs, args.smoke)
             results.append({"arm": arm, "seed": seed, "adapter": adapter, "minutes": minutes, "protocol": protocol,
-                            "metrics": evaluate(adapter, args.num_images, args.eval_seed, args.max_new_tokens)})
+                            "metrics": evaluate(adapter, args.num_images, args.eval_seed, args.max_new_tokens),
+                            "check_metrics": evaluate(adapter, args.num_images, args.check_seed, args.max_new_tokens) if args.check_seed >= 0 else None})
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps(results[-1]))
             print(json.dumps(results[-1]), flush=True)
-    body = (f"{args.num_images} held-out phantoms (seed {args.eval_seed}), greedy decoding, at most {args.max_new_tokens} new tokens; CheXpert labels "
+    check = f" (and a second draw of {args.num_images}, seed {args.check_seed}, in the last column of the first table)" if args.check_seed >= 0 else ""
+    body = (f"{args.num_images} held-out phantoms (seed {args.eval_seed}){check}, greedy decoding, at most {args.max_new_tokens} new tokens; CheXpert labels "
             f"from medfm's labeler; training time is wall-clock of `accelerate launch` (DPO: with `medfm pairs`).\n\n{summary(results)}\n\n"
             f"{table(results)}\n\n" + "\n".join(f"- {r['arm']} (seed {r['seed']}): reference \"{r['metrics']['example']['reference']}\" / generated "
                                                  f"\"{r['metrics']['example']['generated']}\"" for r in results))

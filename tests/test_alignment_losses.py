@@ -1,4 +1,4 @@
-"""The GRPO and DPO math on small tensors: group-normalised advantages, completion masks, the clipped loss, DPO's sigmoid loss."""
+"""The GRPO and DPO math on small tensors: group-normalised advantages (three scalings), completion masks, the clipped loss, DPO's sigmoid loss."""
 
 import math
 
@@ -14,6 +14,20 @@ def test_advantages_are_normalised_within_each_group():
     advantages = group_advantages(rewards, 3)
     assert advantages[:3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-3)  # (r - mean) / std within the group
     assert advantages[3:].tolist() == [0.0, 0.0, 0.0]  # a group whose rewards are all equal gives no signal
+
+
+def test_batch_scaling_keeps_a_small_spread_small_and_none_does_not_scale():
+    rewards = torch.tensor([0.0, 1.0, 2.0, 5.0, 5.1, 5.2])  # the second group's reports differ ten times less
+    by_group = group_advantages(rewards, 3, "group")
+    assert by_group[3:].tolist() == pytest.approx(by_group[:3].tolist(), abs=1e-3)  # per-group std: both groups weigh the same
+    by_batch = group_advantages(rewards, 3, "batch")
+    std = rewards.std().item()
+    assert by_batch.tolist() == pytest.approx([-1 / std, 0.0, 1 / std, -0.1 / std, 0.0, 0.1 / std], abs=1e-3)
+    gathered = torch.tensor([0.0, 10.0])  # e.g. every process's rewards: the std is theirs
+    assert group_advantages(rewards, 3, "batch", gathered)[0].item() == pytest.approx(-1 / gathered.std().item(), abs=1e-3)
+    assert group_advantages(rewards, 3, "none").tolist() == pytest.approx([-1.0, 0.0, 1.0, -0.1, 0.0, 0.1], abs=1e-5)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(rewards, 3, "max")
 
 
 def test_completion_mask_ends_at_the_first_end_token():

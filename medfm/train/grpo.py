@@ -16,11 +16,23 @@ from .report import ReportLoRARecipe
 logger = get_logger(__name__)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(reward - group mean) / (group std + 1e-4), rewards ordered group by group (TRL's scale_rewards="group"; inline in its trainer)."""
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """Each reward minus its group's mean (rewards ordered group by group), divided by the group's std ("group", TRL's default),
+    by the std of the whole batch (`batch_rewards`, e.g. gathered from every process; "batch", TRL's option after Lite PPO: a
+    group whose reports differ only a little keeps a small advantage), or not at all ("none", Dr. GRPO). Inline in TRL's trainer."""
     grouped = rewards.view(-1, group_size)
-    std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
-    return ((grouped - grouped.mean(dim=1, keepdim=True)) / (std + 1e-4)).view(-1)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / ((grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])) + 1e-4)
+    elif scale == "batch":
+        spread = rewards if batch_rewards is None else batch_rewards
+        centred = centred / ((spread.std().item() if spread.numel() > 1 else 0.0) + 1e-4)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale!r}")
+    return centred.view(-1)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -92,7 +104,8 @@ class GRPOReportRecipe(ReportLoRARecipe):
                                                                           skip_special_tokens=True)]
         scores = self.reward(completions, references, images)
         rewards = torch.tensor(scores.total, dtype=torch.float32)
-        advantages = group_advantages(rewards, group).to(self.accelerator.device)
+        batch_rewards = self.accelerator.gather(rewards.to(self.accelerator.device)) if cfg.scale_rewards == "batch" else None
+        advantages = group_advantages(rewards, group, cfg.scale_rewards, batch_rewards).to(self.accelerator.device)
 
         inputs = self._sequences(prompts, completion_ids, mask)
         logps, label_mask = token_logps(self.model, inputs)

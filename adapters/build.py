@@ -1,6 +1,6 @@
 """Rebuild the small adapters shipped in adapters/ (listed in adapters/index.yaml) from the built-in bases and phantoms.
 
-    python adapters/build.py                         # all adapters (about 4 + 60 minutes on one CPU core, then about 12 for the GRPO one)
+    python adapters/build.py                         # all adapters (about 4 + 60 minutes on one CPU core, then about 6 for the GRPO one)
     python adapters/build.py phantom-report          # one of them
     python adapters/build.py --max_train_steps 100   # flags after the names go to the recipe: a quicker, weaker build
 

@@ -90,13 +90,14 @@ def evaluate(adapter: str, num_images: int, seed: int, max_new_tokens: int) -> d
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| arm | seed | CheXpert F1 micro-14 | macro-14 | micro-5 | BLEU-4 | ROUGE-L | words (reference) | chars (reference) | training min |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    check = bool(results) and results[0]["protocol"].get("check_seed", -1) >= 0
+    rows = ["| arm | seed | CheXpert F1 micro-14 | macro-14 | micro-5 | BLEU-4 | ROUGE-L | words (reference) | chars (reference) | training min |"
+            + (" micro-14, check draw |" if check else ""), "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if check else "")]
     for r in results:
         m = r["metrics"]
         rows.append(f"| {r['arm']} | {r['seed']} | {m['chexpert_f1_micro_14']:.3f} | {m['chexpert_f1_macro_14']:.3f} | {m['chexpert_f1_micro_5']:.3f} | "
                     f"{m['bleu4']:.3f} | {m['rougeL']:.3f} | {m['words']:.1f} ({m['reference_words']:.1f}) | {m['chars']:.0f} ({m['reference_chars']:.0f}) | "
-                    f"{r['minutes']:.1f} |")
+                    f"{r['minutes']:.1f} |" + (f" {r['check_metrics']['chexpert_f1_micro_14']:.3f} |" if check else ""))
     return "\n".join(rows)
 
 

@@ -137,6 +137,7 @@ sentence boundary to fit `max_length`; image tokens are never cut). The loss cov
 REPORT_CARD_HYPERPARAMETERS = ("rank", "lora_alpha", "target_modules", "lora_on_vision_tower", "train_projector", "load_in_4bit",
                                "instruction", "max_length", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                                "learning_rate", "lr_scheduler", "use_8bit_adam", "mixed_precision", "seed")
+ADVANTAGE_SCALING = {"group": "divided by the group's std", "batch": "divided by the batch's reward std", "none": "not scaled"}  # --scale_rewards
 
 
 def _method_section(config: TrainConfig) -> str:
@@ -150,8 +151,8 @@ def _method_section(config: TrainConfig) -> str:
         reward = " + ".join(f"{weight:g} x `{name}`" for name, weight in config.reward.items())
         text = (f"Method: **GRPO** (group relative policy optimization): {config.num_generations} reports sampled per study (temperature "
                 f"{config.temperature}, top-p {config.top_p}, at most {config.max_new_tokens} tokens), scored with the reward {reward} "
-                f"(`medfm.rewards`), advantages normalised within each study's group, clipped ratio (epsilon {config.epsilon}), KL to the "
-                f"starting policy weighted {config.beta}.")
+                f"(`medfm.rewards`), advantages centred on each study's group mean and {ADVANTAGE_SCALING[config.scale_rewards or 'group']}, "
+                f"clipped ratio (epsilon {config.epsilon}), KL to the starting policy weighted {config.beta}.")
     elif config.method == "dpo":
         text = (f"Method: **DPO** (direct preference optimization, sigmoid loss, beta {config.beta}) on preference pairs from "
                 f"`{config.train_data_file}` (TRL's format).")

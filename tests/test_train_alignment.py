@@ -41,7 +41,7 @@ def log(adapter: Path) -> list[dict]:
 
 
 def test_grpo_from_an_sft_adapter_resumes_exactly_and_its_reference_is_that_adapter(tmp_path):
-    args = [*COMMON, *GRPO, "--init_adapter", str(SFT_ADAPTER)]
+    args = [*COMMON, *GRPO, "--scale_rewards", "batch", "--init_adapter", str(SFT_ADAPTER)]  # the demo recipe's scaling
     train([*args, "--max_train_steps", "10", "--output_dir", str(tmp_path / "straight")])
     train([*args, "--max_train_steps", "5", "--output_dir", str(tmp_path / "resumed")])
     train([*args, "--max_train_steps", "10", "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
@@ -61,9 +61,10 @@ def test_grpo_from_an_sft_adapter_resumes_exactly_and_its_reference_is_that_adap
     out = tmp_path / "straight"
     config = yaml.safe_load((out / "training_config.yaml").read_text())
     assert config["method"] == "grpo" and config["init_adapter"] == str(SFT_ADAPTER) and config["num_generations"] == 2
-    assert config["reward"] == {"clinical_micro": 1.0, "length": 0.2, "rougel": 0.3}
+    assert config["reward"] == {"clinical_micro": 1.0, "length": 0.2, "rougel": 0.3} and config["scale_rewards"] == "batch"
     card = (out / "README.md").read_text()
     assert "**GRPO**" in card and "1 x `clinical_micro` + 0.2 x `length` + 0.3 x `rougel`" in card and str(SFT_ADAPTER) in card
+    assert "divided by the batch's reward std" in card
     assert "- grpo" in card  # a Hub tag
     assert not (out / "reference").exists() and not (out / "checkpoint-5" / "reference").exists()  # only the trained adapter is saved
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"].startswith("builtin:tiny-llava@")
@@ -116,11 +117,11 @@ def test_an_init_adapter_trained_on_another_base_is_a_clear_error(tmp_path):
 
 
 def test_grpo_from_an_sft_adapter_trains_on_two_processes(tmp_path):
-    """Each process samples and scores its own studies; DDP must accept the fully trained vision tower whose last layer the
+    """Each process samples and scores its own studies (the batch's reward std gathered from both); DDP must accept the fully trained vision tower whose last layer the
     LLaVA features skip (vision_feature_layer=-2), which stopped multi-process report training before."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "recipes" / "train_lora.py"), *COMMON, *GRPO,
-               "--init_adapter", str(SFT_ADAPTER), "--max_train_steps", "2", "--output_dir", str(tmp_path / "out")]
+               "--init_adapter", str(SFT_ADAPTER), "--scale_rewards", "batch", "--max_train_steps", "2", "--output_dir", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Num processes: 2" in result.stderr

@@ -1,7 +1,8 @@
 """Pretrain medfm's tiny built-in bases on digital phantoms, with one finding left out, on a CPU.
 
     python recipes/pretrain_tiny_bases.py text-to-image   # VAE, then text encoder + UNet; writes medfm/bases/tiny-sd.safetensors
-    python recipes/pretrain_tiny_bases.py report          # tiny LLaVA: vision tower, then all weights (tower at lr/10); writes medfm/bases/tiny-llava.safetensors
+    python recipes/pretrain_tiny_bases.py report          # tiny LLaVA: vision tower, then all weights (tower at lr/10);
+                                                          # writes medfm/bases/tiny-llava.safetensors
 
 Pleural effusion is never drawn and never reported positively during pretraining (reports still say
 "No pleural effusion."), so a LoRA run on the built-in phantoms has something real to teach. The files

@@ -117,8 +117,9 @@ def test_an_init_adapter_trained_on_another_base_is_a_clear_error(tmp_path):
 
 
 def test_grpo_from_an_sft_adapter_trains_on_two_processes(tmp_path):
-    """Each process samples and scores its own studies (the batch's reward std gathered from both); DDP must accept the fully trained vision tower whose last layer the
-    LLaVA features skip (vision_feature_layer=-2), which stopped multi-process report training before."""
+    """Each process samples and scores its own studies (the batch's reward std gathered from both); DDP must accept the fully
+    trained vision tower whose last layer the LLaVA features skip (vision_feature_layer=-2), which stopped multi-process
+    report training before."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "recipes" / "train_lora.py"), *COMMON, *GRPO,
                "--init_adapter", str(SFT_ADAPTER), "--scale_rewards", "batch", "--max_train_steps", "2", "--output_dir", str(tmp_path / "out")]

@@ -44,6 +44,7 @@ BUILTIN_BASE_RECIPES = {
 METHOD_KEYS = {"reward": ("grpo",), "num_generations": ("grpo",), "temperature": ("grpo",), "top_p": ("grpo",), "max_new_tokens": ("grpo",),
                "epsilon": ("grpo",), "scale_rewards": ("grpo",), "beta": ("grpo", "dpo")}
 DEFAULT_REWARD = {"clinical_micro": 1.0, "length": 0.2, "rougel": 0.3}  # medfm.rewards terms (that module imports torch)
+SCALE_REWARDS = ("group", "batch", "none")  # what GRPO divides advantages by (medfm.train.grpo.group_advantages)
 METHOD_DEFAULTS = {
     "grpo": {"reward": dict(DEFAULT_REWARD), "num_generations": 8, "temperature": 1.0, "top_p": 1.0,
              "max_new_tokens": 128, "epsilon": 0.2, "scale_rewards": "group", "beta": 0.04},
@@ -193,7 +194,7 @@ class TrainConfig:
     epsilon: float | None = _opt(None, "report grpo only: the clipped ratio's range, 1 +/- epsilon (default 0.2, TRL's).")
     scale_rewards: str | None = _opt(None, "report grpo only: what each advantage (reward - its group's mean) is divided by: the group's std "
                                            "(group, TRL's default), the whole batch's std (batch: groups whose reports differ little keep "
-                                           "small advantages) or nothing (none).", ["group", "batch", "none"])
+                                           "small advantages) or nothing (none).", list(SCALE_REWARDS))
     beta: float | None = _opt(None, "report grpo and dpo only: weight of the KL to the starting policy (grpo, default 0.04) or DPO's temperature "
                                     "(dpo, default 0.1).")
     beta_dpo: float | None = _opt(None, "text-to-image dpo only: Diffusion-DPO's beta, how far the LoRA may move from the reference (default 2500, "

@@ -9,14 +9,12 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 
+from ..config import SCALE_REWARDS
 from ..data.report_batches import IGNORE_INDEX, PromptCollator, encode_prompts, token_logps
 from ..rewards import Reward
 from .report import ReportLoRARecipe
 
 logger = get_logger(__name__)
-
-
-SCALE_REWARDS = ("group", "batch", "none")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", batch_rewards: torch.Tensor | None = None) -> torch.Tensor:

@@ -73,24 +73,34 @@ def train(arm: str, seed: int, runs: Path, smoke: bool) -> tuple[str, float]:
     return str(output), seconds / 60
 
 
-def evaluate(adapter: str, num_images: int, seed: int, max_new_tokens: int) -> dict:
-    """Greedy reports for held-out phantoms; CheXpert-label F1, BLEU-4, ROUGE-L and lengths."""
+def evaluate(adapter: str, num_images: int, seeds: list[int], max_new_tokens: int) -> list[dict]:
+    """Greedy reports for each draw of held-out phantoms (one per seed, the adapter loaded once); CheXpert-label F1, BLEU-4,
+    ROUGE-L and lengths per draw."""
     with open(Path(adapter) / "training_config.yaml", encoding="utf-8") as f:
         config = yaml.safe_load(f)
-    phantoms = held_out_phantoms(num_images, seed, 256)
-    references = [record[config["report_section"]] for _, record in phantoms]
     model, processor, family = load_report_model(adapter, device="cpu")
-    predictions = generate_reports(model, processor, family, [[to_pil_rgb(image)] for image, _ in phantoms],
-                                   [full_instruction(config["instruction"], None)] * len(phantoms), max_new_tokens=max_new_tokens)
-    metrics = {k: v["value"] for k, v in evaluate_reports(references, predictions, bootstrap_samples=0)["metrics"].items()}
-    metrics["words"], metrics["reference_words"] = float(np.mean([len(p.split()) for p in predictions])), float(np.mean([len(r.split()) for r in references]))
-    metrics["chars"], metrics["reference_chars"] = float(np.mean([len(p) for p in predictions])), float(np.mean([len(r) for r in references]))
-    metrics["example"] = {"reference": references[0], "generated": predictions[0]}
-    return metrics
+    draws = []
+    for seed in seeds:
+        phantoms = held_out_phantoms(num_images, seed, 256)
+        references = [record[config["report_section"]] for _, record in phantoms]
+        predictions = generate_reports(model, processor, family, [[to_pil_rgb(image)] for image, _ in phantoms],
+                                       [full_instruction(config["instruction"], None)] * len(phantoms), max_new_tokens=max_new_tokens)
+        metrics = {k: v["value"] for k, v in evaluate_reports(references, predictions, bootstrap_samples=0)["metrics"].items()}
+        metrics["words"] = float(np.mean([len(p.split()) for p in predictions]))
+        metrics["reference_words"] = float(np.mean([len(r.split()) for r in references]))
+        metrics["chars"], metrics["reference_chars"] = float(np.mean([len(p) for p in predictions])), float(np.mean([len(r) for r in references]))
+        metrics["example"] = {"reference": references[0], "generated": predictions[0]}
+        draws.append(metrics)
+    return draws
+
+
+def check_seed(results: list[dict]) -> int:
+    """The seed of the check draw the results were scored on too (-1: none)."""
+    return results[0]["protocol"].get("check_seed", -1) if results else -1
 
 
 def table(results: list[dict]) -> str:
-    check = bool(results) and results[0]["protocol"].get("check_seed", -1) >= 0
+    check = check_seed(results) >= 0
     rows = ["| arm | seed | CheXpert F1 micro-14 | macro-14 | micro-5 | BLEU-4 | ROUGE-L | words (reference) | chars (reference) | training min |"
             + (" micro-14, check draw |" if check else ""), "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if check else "")]
     for r in results:
@@ -106,8 +116,8 @@ def summary(results: list[dict]) -> str:
     by_arm: dict[str, list[dict]] = {}
     for r in results:
         by_arm.setdefault(r["arm"], []).append(r)
-    check_seed = results[0]["protocol"].get("check_seed", -1) if results else -1
-    check_column = f" micro-14 on the check draw (seed {check_seed}) |" if check_seed >= 0 else ""
+    check = check_seed(results)
+    check_column = f" micro-14 on the check draw (seed {check}) |" if check >= 0 else ""
     lines = ["| arm | seeds | micro-14 (mean) | macro-14 | BLEU-4 | length vs reference | training min |" + check_column,
              "|---|---|---|---|---|---|---|" + ("---|" if check_column else "")]
     means = {}
@@ -118,7 +128,7 @@ def summary(results: list[dict]) -> str:
         means[arm] = mean
         lines.append(f"| {arm} | {len(runs)} | {mean['chexpert_f1_micro_14']:.3f} | {mean['chexpert_f1_macro_14']:.3f} | {mean['bleu4']:.3f} | "
                      f"{mean['chars'] / mean['reference_chars'] - 1:+.1%} | {mean['minutes']:.1f} |"
-                     + (f" {np.mean([r['check_metrics']['chexpert_f1_micro_14'] for r in runs]):.3f} |" if check_seed >= 0 else ""))
+                     + (f" {np.mean([r['check_metrics']['chexpert_f1_micro_14'] for r in runs]):.3f} |" if check_column else ""))
     if "grpo" in means and "sft" in means:
         g, s = means["grpo"], means["sft"]
         checks = [("micro-14 >= 0.82", g["chexpert_f1_micro_14"] >= 0.82), ("length within 15 %", abs(g["chars"] / g["reference_chars"] - 1) <= 0.15),
@@ -147,6 +157,7 @@ def main() -> None:
     results = []
     protocol = {"num_images": args.num_images, "eval_seed": args.eval_seed, "check_seed": args.check_seed, "max_new_tokens": args.max_new_tokens,
                 "smoke": args.smoke}
+    draws = [args.eval_seed] + ([args.check_seed] if args.check_seed >= 0 else [])
     for arm in args.arms:
         for seed in ([0] if arm == "sft" else args.seeds):
             record = args.runs / f"{arm}-seed{seed}.json"  # one run's result: lets arms and seeds run as separate (parallel) invocations
@@ -157,9 +168,9 @@ def main() -> None:
                     print(f"{arm} seed {seed}: not measured under {args.runs} with these settings; left out", file=sys.stderr)
                 continue
             adapter, minutes = train(arm, seed, args.runs, args.smoke)
-            results.append({"arm": arm, "seed": seed, "adapter": adapter, "minutes": minutes, "protocol": protocol,
-                            "metrics": evaluate(adapter, args.num_images, args.eval_seed, args.max_new_tokens),
-                            "check_metrics": evaluate(adapter, args.num_images, args.check_seed, args.max_new_tokens) if args.check_seed >= 0 else None})
+            metrics, *check_metrics = evaluate(adapter, args.num_images, draws, args.max_new_tokens)
+            results.append({"arm": arm, "seed": seed, "adapter": adapter, "minutes": minutes, "protocol": protocol, "metrics": metrics,
+                            "check_metrics": check_metrics[0] if check_metrics else None})
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps(results[-1]))
             print(json.dumps(results[-1]), flush=True)

@@ -151,7 +151,7 @@ def _method_section(config: TrainConfig) -> str:
         reward = " + ".join(f"{weight:g} x `{name}`" for name, weight in config.reward.items())
         text = (f"Method: **GRPO** (group relative policy optimization): {config.num_generations} reports sampled per study (temperature "
                 f"{config.temperature}, top-p {config.top_p}, at most {config.max_new_tokens} tokens), scored with the reward {reward} "
-                f"(`medfm.rewards`), advantages centred on each study's group mean and {ADVANTAGE_SCALING[config.scale_rewards or 'group']}, "
+                f"(`medfm.rewards`), advantages centred on each study's group mean and {ADVANTAGE_SCALING[config.scale_rewards]}, "
                 f"clipped ratio (epsilon {config.epsilon}), KL to the starting policy weighted {config.beta}.")
     elif config.method == "dpo":
         text = (f"Method: **DPO** (direct preference optimization, sigmoid loss, beta {config.beta}) on preference pairs from "
